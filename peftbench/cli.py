@@ -1,0 +1,271 @@
+"""The ``peftbench`` command: subcommands map straight onto plain functions.
+
+    peftbench run [STUDY.toml] [--store DIR] [--set KEY=VALUE ...]   # no STUDY: the built-in offline demo
+    peftbench validate STUDY.toml                                      # expand and check, train nothing
+    peftbench ls [STORE]                                               # runs with status and key metrics
+    peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
+    peftbench evaluate RUN_DIR [--dataset SOURCE] [--split test]
+    peftbench report [STORE or STUDY.toml]
+
+Exit codes: 0 success, 1 some runs failed, 2 bad input (nothing stored is touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, ConfigError, apply_overrides,
+                              expand_runs, load_study, validate_study)
+from peftbench.methods import LORA_PARAMS
+
+_KIND_TYPES = {int: int, float: float, str: str, "int?": int, "float?": float, "str?": str, "int|str": None,
+               "list[str]": str, "list[str]?": str}
+
+
+def _add_fields(parser: argparse.ArgumentParser, fields: dict, skip: tuple[str, ...] = (), dest_prefix: str = ""):
+    """One ``--flag`` per config field, with the field's doc as help (no hand-written duplicate of the schema)."""
+    for key, (kind, default, doc) in fields.items():
+        if key in skip:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=dest_prefix + key, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{doc} (default: {default})")
+            continue
+        conv = _KIND_TYPES.get(kind)
+        parser.add_argument(flag, dest=dest_prefix + key, type=conv or _int_or_str, default=None,
+                            choices=TRAIN_CHOICES.get(key) if fields is TRAIN_FIELDS else None,
+                            help=f"{doc} (default: {default})")
+
+
+def _int_or_str(text: str):
+    return int(text) if text.isdigit() else text
+
+
+def _picked(args: argparse.Namespace, fields: dict, prefix: str = "") -> dict[str, Any]:
+    return {k: getattr(args, prefix + k) for k in fields if getattr(args, prefix + k, None) is not None}
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    import pandas as pd
+
+    if not rows:
+        print("(no runs)")
+        return
+    frame = pd.DataFrame(rows)[columns]
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from peftbench.runner import check_study_inputs
+    from peftbench.store import Store
+
+    study = load_study(args.study, args.set)
+    if not args.no_data:
+        check_study_inputs(study)
+    runs = expand_runs(study)
+    store = Store(args.store or study.store)
+    rows = [{"run_id": r.run_id, "arm": r.arm, "model": r.model, "dataset": r.dataset["name"],
+             "lr": r.train.get("lr"), "scheduler": r.train.get("lr_scheduler"), "seed": r.seed,
+             "stored": store.status(r.run_id) or "-"} for r in runs]
+    _print_table(rows, list(rows[0]))
+    print(f"{study.name}: {len(runs)} runs, {sum(r['stored'] == 'success' for r in rows)} already in {store.root}")
+    return 0
+
+
+def _run(study, args) -> int:
+    from peftbench.runner import check_study_inputs, run_study
+
+    check_study_inputs(study)
+    summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed)
+    print(f"\n{len(summary.run_ids)} runs ({summary.done} trained now, {summary.skipped} already done) "
+          f"in {summary.store.resolve()}")
+    _summarise(summary.store, summary.run_ids)
+    if getattr(args, "report", True) and summary.run_ids:
+        from peftbench.report import write_report
+
+        out = write_report(summary.store, run_ids=summary.run_ids, study=study)
+        print(f"report: {Path(out).resolve() / 'report.md'}")
+    if summary.failed:
+        print(f"{len(summary.failed)} runs failed: see 'peftbench ls {summary.store}'", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summarise(store: Path, run_ids: list[str]) -> None:
+    from peftbench.store import load_results
+
+    df = load_results(store, run_ids)
+    ok = df[df["status"] == "success"] if len(df) else df
+    if not len(ok):
+        return
+    table = ok.groupby(["dataset", "arm"], sort=False).agg(
+        runs=("run_id", "count"), test_accuracy=("test_accuracy", "mean"), test_acc_std=("test_accuracy", "std"),
+        test_f1_macro=("test_f1_macro", "mean"), trainable_pct=("params_trainable_pct", "mean"),
+        train_time_s=("train_time_s", "mean")).reset_index()
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def cmd_run(args) -> int:
+    return _run(load_study(args.study, args.set), args)
+
+
+def cmd_train(args) -> int:
+    from peftbench.data import dataset_defaults
+
+    source = args.dataset
+    if not source.startswith("builtin:") and Path(source).exists():
+        source = str(Path(source).resolve())
+    dataset = dataset_defaults(source=source, **_picked(args, DATASET_FIELDS, "data_"))
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    raw = {"name": args.name, "models": [model], "datasets": {dataset.pop("name"): dataset}, "seeds": [args.seed],
+           "train": _picked(args, TRAIN_FIELDS),
+           "arms": [{"method": args.method, **_picked(args, LORA_PARAMS, "lora_")}]}
+    if args.method != "lora" and raw["arms"][0].keys() - {"method"}:
+        raise ConfigError(f"--{next(iter(raw['arms'][0].keys() - {'method'})).replace('_', '-')}: only for "
+                          f"--method lora")
+    study = validate_study(apply_overrides(raw, args.set), None)
+    return _run(study, args)
+
+
+def cmd_ls(args) -> int:
+    from peftbench.store import load_results
+
+    store = Path(args.store)
+    if not store.is_dir():
+        raise ConfigError(f"{store}: no such store folder")
+    df = load_results(store)
+    if not len(df):
+        print(f"{store}: no runs")
+        return 0
+    cols = ["run_id", "status", "study", "dataset", "arm", "lr", "seed", "test_accuracy", "test_f1_macro",
+            "params_trainable_pct", "train_time_s"]
+    df = df[[c for c in cols if c in df.columns]].sort_values(["study", "dataset", "arm", "lr", "seed"])
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    failed = load_results(store).query("status == 'failed'")
+    for _, row in failed.iterrows():
+        print(f"failed {row['run_id']}: {row['error']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from peftbench.data import dataset_defaults
+    from peftbench.runner import evaluate_saved
+
+    dataset = None
+    if args.dataset:
+        source = str(Path(args.dataset).resolve()) if Path(args.dataset).exists() else args.dataset
+        dataset = dataset_defaults(source=source, **_picked(args, DATASET_FIELDS, "data_"))
+    metrics = evaluate_saved(args.run, dataset, args.split, args.device)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from peftbench.report import write_report
+    from peftbench.store import Store
+
+    target = Path(args.target)
+    study = None
+    if target.is_file():
+        study = load_study(target, args.set)
+        store = Path(args.store or study.store)
+        run_ids = [r.run_id for r in expand_runs(study)]
+    else:
+        store, run_ids = target, None
+    if not Store(store).run_ids():
+        raise ConfigError(f"{store}: no finished runs to report on")
+    out = write_report(store, run_ids=run_ids, study=study, out_dir=args.out)
+    print(f"report: {Path(out).resolve() / 'report.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftbench", description="Controlled fine-tuning studies: full FT vs "
+                                     "LoRA vs frozen encoders, stored per run and reported honestly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, study_arg=True):
+        if study_arg:
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a study setting, e.g. --set train.epochs=1 --set 'seeds=[0]'")
+        p.add_argument("--store", default=None, help="store folder (default: the study's 'store', i.e. ./runs)")
+
+    def running(p):
+        p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+        p.add_argument("--no-retry-failed", action="store_true", help="skip runs that failed before")
+        p.add_argument("--no-report", dest="report", action="store_false", help="do not write the report")
+
+    p = sub.add_parser("run", help="run a study (default: the built-in offline demo)")
+    p.add_argument("study", nargs="?", default=None, help="study file (.toml or .yaml)")
+    common(p)
+    running(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a study and list its runs without training")
+    p.add_argument("study", help="study file (.toml or .yaml)")
+    p.add_argument("--no-data", action="store_true", help="do not load the datasets")
+    common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("ls", help="list the runs of a store")
+    p.add_argument("store", nargs="?", default="runs")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("train", help="one run from flags, into the store")
+    p.add_argument("--model", default="builtin:minilm", help="builtin:minilm, a hub id or a local folder")
+    p.add_argument("--dataset", default="builtin:rotten_tomatoes", help="builtin:rotten_tomatoes, a hub id or a path")
+    p.add_argument("--method", default="lora", help="full, frozen, lora or untrained")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="train", help="study label stored with the run")
+    _add_fields(p, LORA_PARAMS, dest_prefix="lora_")
+    _add_fields(p, TRAIN_FIELDS)
+    _add_fields(p, DATASET_FIELDS, skip=("source",), dest_prefix="data_")
+    common(p)
+    running(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a stored run (or its adapter folder) on a dataset split")
+    p.add_argument("run", help="run folder, or its adapter/ folder")
+    p.add_argument("--dataset", default=None, help="dataset source (default: the run's own dataset)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--device", default="auto")
+    _add_fields(p, DATASET_FIELDS, skip=("source",), dest_prefix="data_")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="tables, plots and a verdict from a store or a study's runs")
+    p.add_argument("target", nargs="?", default="runs", help="store folder or study file")
+    p.add_argument("--out", default=None, help="report folder (default: STORE/report)")
+    common(p)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``peftbench`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"peftbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npeftbench: interrupted; finished runs are kept, the run in progress was discarded",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Study files → validated data → the list of runs they expand into.
+
+Pure: nothing here trains or writes. A study is a TOML (or YAML) file::
+
+    name = "demo"
+    seeds = [0, 1, 2]
+    models = ["builtin:minilm"]
+
+    [datasets.rotten_tomatoes]
+    source = "builtin:rotten_tomatoes"
+
+    [train]
+    epochs = 3
+    lr = 1e-4
+
+    [[arms]]
+    method = "lora"
+    r = [1, 4, 16]          # list values expand as a grid
+    lr = [5e-4, 1e-3]       # arm settings override [train]
+
+Example::
+
+    >>> from peftbench.config import load_study, expand_runs
+    >>> study = load_study("studies/demo.toml")          # doctest: +SKIP
+    >>> [run.label for run in expand_runs(study)][:2]    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftbench import methods
+
+BUILTIN_STUDIES = Path(__file__).parent / "studies"
+DEFAULT_STUDY = BUILTIN_STUDIES / "demo.toml"
+
+
+class ConfigError(ValueError):
+    """A study, flag or data file is not what peftbench expects. The message is one line naming the field."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Field specs: (type, default, one-line doc). Types: int, float, str, bool, "int?", "float?", "str?", list[str].
+# --------------------------------------------------------------------------------------------------------------------
+
+TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "epochs": (int, 3, "maximum number of passes over the training split"),
+    "batch_size": (int, 32, "training examples per optimizer step"),
+    "eval_batch_size": (int, 64, "examples per forward pass during evaluation"),
+    "lr": (float, 5e-5, "peak learning rate of AdamW (a nuisance parameter: give a list to sweep it)"),
+    "weight_decay": (float, 0.01, "AdamW decoupled weight decay (not applied to biases and LayerNorm weights)"),
+    "lr_scheduler": (str, "linear", "learning-rate schedule after warmup: linear, cosine or constant"),
+    "warmup_ratio": (float, 0.0, "fraction of all training steps spent warming the learning rate up from 0"),
+    "max_grad_norm": (float, 1.0, "clip the global gradient norm to this value (0 disables clipping)"),
+    "max_length": (int, 128, "truncate texts to this many tokens (batches are padded only to their longest text)"),
+    "max_tokens_per_batch": ("int?", None, "split a batch whose padded size would exceed this many tokens"),
+    "early_stopping_patience": ("int?", None, "stop after this many epochs without validation improvement"),
+    "metric_for_best": (str, "accuracy", "validation metric that picks the best epoch (accuracy, f1_macro, ...)"),
+    "bf16": (bool, False, "train and evaluate under bfloat16 autocast when the device supports it"),
+    "pooling": (str, "auto", "sentence representation: cls (the model's own head), mean, or auto"),
+    "cache_frozen_features": (bool, True, "frozen method: run the encoder once per example and reuse its output"),
+}
+TRAIN_CHOICES = {
+    "lr_scheduler": ("linear", "cosine", "constant"),
+    "pooling": ("auto", "cls", "mean"),
+    "metric_for_best": ("accuracy", "f1_macro", "f1_weighted", "loss"),
+}
+
+DATASET_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "source": (str, None, "builtin:rotten_tomatoes, a hub dataset id, or a local folder/file (CSV, TSV, JSONL, Parquet)"),
+    "config_name": ("str?", None, "hub dataset configuration name (the second argument of datasets.load_dataset)"),
+    "text_column": (str, "text", "column holding the text"),
+    "label_column": (str, "label", "column holding the label (ids or names)"),
+    "labels": ("list[str]?", None, "label names in id order (default: labels.txt, the hub's ClassLabel, or sorted names)"),
+    "train_split": (str, "train", "split (hub) or file stem (local folder) used for training"),
+    "validation_split": (str, "validation", "split used for model selection; carved from train when absent or ''"),
+    "test_split": (str, "test", "split used only for the final evaluation"),
+    "validation_fraction": (float, 0.1, "fraction of train carved (stratified) as validation when there is none"),
+    "test_fraction": (float, 0.2, "fraction of train carved (stratified) as test when there is no test split"),
+    "split_seed": (int, 0, "seed of carved splits and of subsampling (fixed across run seeds)"),
+    "max_train": ("int?", None, "stratified, seeded subsample of the training split"),
+    "max_validation": ("int?", None, "stratified, seeded subsample of the validation split"),
+    "max_test": ("int?", None, "stratified, seeded subsample of the test split"),
+}
+
+REPORT_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "reference": (str, "full", "arm the others are compared with (its label, e.g. 'full' or 'lora r=64')"),
+    "metric": (str, "accuracy", "headline test metric of tables and verdicts"),
+    "selection_metric": (str, "accuracy", "validation metric that picks the nuisance setting per arm"),
+    "margin": (float, 1.0, "non-inferiority margin in points of the headline metric"),
+}
+
+STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report"}
+ARM_FIXED_FIELDS = {"method", "name"}
+
+
+def _type_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
+def check_value(where: str, kind: Any, value: Any) -> Any:
+    """Return ``value`` converted to ``kind`` or raise a one-line ConfigError naming ``where``."""
+    if isinstance(kind, str) and kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if kind in (int, "int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind in (float, "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if kind in (str, "str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if kind in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind == "list[str]":
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return list(value)
+    if kind == "int|str":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer or a string, got {value!r}")
+        return value
+    raise AssertionError(f"unknown kind {kind}")
+
+
+def _check_table(where: str, table: Any, fields: dict, extra: set[str] = frozenset()) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    unknown = sorted(set(table) - set(fields) - set(extra))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (expected one of: {', '.join(sorted(set(fields) | extra))})")
+    return table
+
+
+def _check_train(where: str, key: str, value: Any) -> Any:
+    kind = TRAIN_FIELDS[key][0]
+    value = check_value(f"{where}.{key}", kind, value)
+    if key in TRAIN_CHOICES and value not in TRAIN_CHOICES[key]:
+        raise ConfigError(f"{where}.{key}: expected one of {', '.join(TRAIN_CHOICES[key])}, got {value!r}")
+    positive = {"epochs": 0, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
+    if key in positive and value is not None and value < positive[key]:
+        raise ConfigError(f"{where}.{key}: expected an integer >= {positive[key]}, got {value!r}")
+    if key == "lr" and value <= 0:
+        raise ConfigError(f"{where}.lr: expected a positive learning rate, got {value!r}")
+    if key in ("warmup_ratio",) and not 0 <= value < 1:
+        raise ConfigError(f"{where}.{key}: expected a number in [0, 1), got {value!r}")
+    if key in ("weight_decay", "max_grad_norm") and value < 0:
+        raise ConfigError(f"{where}.{key}: expected a number >= 0, got {value!r}")
+    if key == "early_stopping_patience" and value is not None and value < 1:
+        raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data classes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arm:
+    """One method with its parameters; list values are grid axes (expanded by expand_runs)."""
+
+    method: str
+    name: str | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)  # value or list of values (grid)
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of the study's [train], value or list
+
+
+@dataclass
+class Study:
+    """A validated study: the cross product models × datasets × arms × grid × seeds."""
+
+    name: str
+    path: Path | None
+    store: str
+    seeds: list[int]
+    models: list[str]
+    datasets: dict[str, dict[str, Any]]
+    train: dict[str, Any]  # values or lists (grid)
+    arms: list[Arm]
+    report: dict[str, Any]
+    description: str = ""
+
+
+@dataclass
+class RunConfig:
+    """A fully resolved run. ``run_id`` hashes everything but the labels ``study`` and ``arm``."""
+
+    study: str
+    arm: str
+    model: str
+    dataset: dict[str, Any]
+    method: str
+    method_params: dict[str, Any]
+    train: dict[str, Any]
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def hashed(self) -> dict[str, Any]:
+        d = self.to_dict()
+        d.pop("study")
+        d.pop("arm")
+        return d
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.hashed, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} | {self.model} | {self.dataset['name']} | lr={self.train.get('lr')} | seed={self.seed}"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_study_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML or YAML study file into a raw dict (no validation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a table of study settings at the top level")
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``datasets.sst2.source=../shared/data/sst2`` → (["datasets", "sst2", "source"], "../shared/data/sst2").
+
+    The value is read as a TOML value when it parses as one (numbers, booleans, lists, quoted strings), else as a
+    bare string.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE (e.g. train.epochs=1)")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return [k for k in key.strip().split(".") if k], parsed
+
+
+PATH_KEYS = {"source", "store"}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], cwd: Path | None = None) -> dict[str, Any]:
+    """Apply ``--set`` overrides. Relative paths given on the command line are taken relative to ``cwd``."""
+    raw = copy.deepcopy(raw)
+    cwd = cwd or Path.cwd()
+    for text in overrides:
+        keys, value = parse_override(text)
+        if not keys:
+            raise ConfigError(f"--set {text}: empty key")
+        if keys[-1] in PATH_KEYS and isinstance(value, str) and not value.startswith("builtin:"):
+            if (cwd / value).exists():
+                value = str((cwd / value).resolve())
+        if keys[0] == "models" and isinstance(value, (str, list)):
+            values = [value] if isinstance(value, str) else value
+            value = [str((cwd / v).resolve()) if isinstance(v, str) and (cwd / v).is_dir() else v for v in values]
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(k)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {text}: no item {k} in {'.'.join(keys[:i])}") from None
+            else:
+                node = node.setdefault(k, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {text}: {'.'.join(keys[: i + 1])} is not a table")
+        if isinstance(node, list):
+            try:
+                node[int(keys[-1])] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {text}: no item {keys[-1]} in {'.'.join(keys[:-1])}") from None
+        else:
+            node[keys[-1]] = value
+    return raw
+
+
+def _resolve_path(value: str, base: Path | None) -> str:
+    """Relative local paths in a study file are relative to the file's folder."""
+    if base is None or value.startswith("builtin:") or Path(value).is_absolute():
+        return value
+    candidate = (base / value).resolve()
+    return str(candidate) if candidate.exists() or value.startswith(".") else value
+
+
+def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
+    """Turn a raw dict into a Study, raising ConfigError (one line, naming the field) on the first problem."""
+    where = str(path) if path else "study"
+    _check_table(where, raw, {k: None for k in STUDY_FIELDS})
+    base = path.parent.resolve() if path else None
+
+    name = check_value(f"{where}: name", str, raw.get("name", path.stem if path else "study"))
+    description = check_value(f"{where}: description", str, raw.get("description", ""))
+    store = check_value(f"{where}: store", str, raw.get("store", "runs"))
+
+    seeds = raw.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"{where}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    seeds = [check_value(f"{where}: seeds", int, s) for s in seeds]
+
+    models = raw.get("models", ["builtin:minilm"])
+    models = [models] if isinstance(models, str) else models
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{where}: models: expected a non-empty list of model names, got {models!r}")
+    models = [_resolve_path(check_value(f"{where}: models", str, m), base) for m in models]
+
+    raw_datasets = raw.get("datasets", {"rotten_tomatoes": {"source": "builtin:rotten_tomatoes"}})
+    if not isinstance(raw_datasets, dict) or not raw_datasets:
+        raise ConfigError(f"{where}: datasets: expected tables like [datasets.NAME] with a 'source' key")
+    datasets = {}
+    for dname, spec in raw_datasets.items():
+        dwhere = f"{where}: datasets.{dname}"
+        if isinstance(spec, str):
+            spec = {"source": spec}
+        _check_table(dwhere, spec, DATASET_FIELDS)
+        if "source" not in spec:
+            raise ConfigError(f"{dwhere}.source: missing (expected builtin:rotten_tomatoes, a hub id or a local path)")
+        resolved = {"name": dname}
+        for key, (kind, default, _doc) in DATASET_FIELDS.items():
+            resolved[key] = check_value(f"{dwhere}.{key}", kind, spec.get(key, default))
+        for key in ("max_train", "max_validation", "max_test"):
+            if resolved[key] is not None and resolved[key] < 1:
+                raise ConfigError(f"{dwhere}.{key}: expected an integer >= 1, got {resolved[key]!r}")
+        for key in ("validation_fraction", "test_fraction"):
+            if not 0 < resolved[key] < 1:
+                raise ConfigError(f"{dwhere}.{key}: expected a fraction in (0, 1), got {resolved[key]!r}")
+        resolved["source"] = _resolve_path(resolved["source"], base)
+        datasets[dname] = resolved
+
+    raw_train = raw.get("train", {})
+    _check_table(f"{where}: train", raw_train, TRAIN_FIELDS)
+    train = {k: default for k, (_, default, _) in TRAIN_FIELDS.items()}
+    for key, value in raw_train.items():
+        train[key] = _grid(f"{where}: train", key, value, lambda w, k, v: _check_train(w, k, v))
+
+    raw_report = raw.get("report", {})
+    _check_table(f"{where}: report", raw_report, REPORT_FIELDS)
+    report = {k: check_value(f"{where}: report.{k}", kind, raw_report.get(k, default))
+              for k, (kind, default, _) in REPORT_FIELDS.items()}
+
+    raw_arms = raw.get("arms")
+    if not isinstance(raw_arms, list) or not raw_arms:
+        raise ConfigError(f"{where}: arms: expected at least one [[arms]] table with a 'method' key")
+    arms = []
+    for i, arm in enumerate(raw_arms):
+        awhere = f"{where}: arms[{i}]"
+        if not isinstance(arm, dict):
+            raise ConfigError(f"{awhere}: expected a table, got {arm!r}")
+        method = arm.get("method")
+        if method not in methods.METHODS:
+            raise ConfigError(f"{awhere}.method: expected one of {', '.join(methods.METHODS)}, got {method!r}")
+        spec = methods.METHODS[method]
+        _check_table(awhere, arm, spec.params, ARM_FIXED_FIELDS | set(TRAIN_FIELDS))
+        arm_name = check_value(f"{awhere}.name", "str?", arm.get("name"))
+        mparams, tparams = {}, {}
+        for key, value in arm.items():
+            if key in ARM_FIXED_FIELDS:
+                continue
+            if key in spec.params:
+                mparams[key] = _grid(awhere, key, value, lambda w, k, v: spec.check(w, k, v))
+            else:
+                tparams[key] = _grid(awhere, key, value, lambda w, k, v: _check_train(w, k, v))
+        arms.append(Arm(method=method, name=arm_name, method_params=mparams, train=tparams))
+
+    return Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
+                 arms=arms, report=report, description=description)
+
+
+def _grid(where: str, key: str, value: Any, check) -> Any:
+    """A list is a grid axis (each item checked); a scalar is one value. target_modules-style list fields take a
+    list of strings as one value and a list of lists as a grid."""
+    if isinstance(value, list) and value and not (key == "target_modules" and all(isinstance(v, str) for v in value)):
+        return [check(where, key, v) for v in value]
+    return check(where, key, value)
+
+
+def load_study(path: str | Path | None = None, overrides: list[str] | None = None) -> Study:
+    """Read, override and validate a study file (default: the built-in demo study)."""
+    path = Path(path) if path else DEFAULT_STUDY
+    raw = read_study_file(path)
+    raw = apply_overrides(raw, overrides or [])
+    return validate_study(raw, path)
+
+
+def _axes(values: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = [k for k, v in values.items() if isinstance(v, list) and not (k == "target_modules" and _flat(v))]
+    fixed = {k: v for k, v in values.items() if k not in keys}
+    combos = itertools.product(*(values[k] for k in keys)) if keys else [()]
+    return [{**fixed, **dict(zip(keys, combo))} for combo in combos], keys
+
+
+def _flat(v: list) -> bool:
+    return all(isinstance(x, str) for x in v)
+
+
+def expand_runs(study: Study) -> list[RunConfig]:
+    """Expand a study into its runs (deduplicated by run id, in a stable order)."""
+    runs: dict[str, RunConfig] = {}
+    for model in study.models:
+        for dataset in study.datasets.values():
+            for arm in study.arms:
+                spec = methods.METHODS[arm.method]
+                mgrid, mkeys = _axes(spec.resolve_defaults(arm.method_params))
+                tgrid, _ = _axes({**study.train, **arm.train})
+                for mparams in mgrid:
+                    mparams = spec.finalize(mparams)
+                    label = spec.label(arm.name, mparams, mkeys)
+                    for tparams in tgrid:
+                        tparams = spec.relevant_train(tparams)
+                        for seed in study.seeds:
+                            run = RunConfig(study=study.name, arm=label, model=model, dataset=dataset,
+                                            method=arm.method, method_params=mparams, train=tparams, seed=seed)
+                            runs.setdefault(run.run_id, run)
+    return list(runs.values())
+
+
+def single_run_study(model: str, dataset: dict[str, Any], method: str, method_params: dict[str, Any],
+                     train: dict[str, Any], seed: int, name: str = "train") -> Study:
+    """The study behind ``peftbench train``: one arm, one seed, settings from flags."""
+    raw = {"name": name, "models": [model], "datasets": {dataset.pop("name", "data"): dataset}, "seeds": [seed],
+           "train": train, "arms": [{"method": method, **method_params}]}
+    return validate_study(raw, None)

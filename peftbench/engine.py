@@ -1,0 +1,141 @@
+"""The training loop: plain PyTorch, readable in one screen.
+
+AdamW (no decay on biases/LayerNorm), a transformers schedule with warmup, gradient clipping, optional bf16 autocast,
+early stopping on a validation metric with patience, and the best epoch's weights restored at the end. The loop knows
+nothing about methods: it trains whatever parameters require grad, and gets the batches as callables.
+
+Example::
+
+    >>> from peftbench.engine import TrainSettings  # doctest: +SKIP
+    >>> history, best = train(model, train_batches, evaluate_val, TrainSettings(...), device)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    lr: float
+    weight_decay: float
+    lr_scheduler: str
+    warmup_ratio: float
+    max_grad_norm: float
+    early_stopping_patience: int | None
+    metric_for_best: str
+    bf16: bool
+    steps_per_epoch: int
+
+    @classmethod
+    def from_config(cls, train: dict[str, Any], steps_per_epoch: int) -> "TrainSettings":
+        names = [f for f in cls.__dataclass_fields__ if f != "steps_per_epoch"]
+        return cls(**{k: train[k] for k in names}, steps_per_epoch=steps_per_epoch)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if metric == "loss" else new > old
+
+
+def train(model: nn.Module, forward: Callable[[Any], torch.Tensor], train_batches: Callable[[int], Iterable],
+          evaluate: Callable[[], dict[str, Any]], s: TrainSettings, device: torch.device,
+          set_train_mode: Callable[[], None] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict], int, float]:
+    """Train ``model``; returns (per-epoch history, best epoch, training seconds excluding evaluation).
+
+    ``forward(batch)`` returns ``(logits, labels)``; ``train_batches(epoch)`` yields batches; ``evaluate()`` returns
+    validation metrics. ``set_train_mode`` puts the model in training mode (methods with a frozen encoder keep it in
+    eval mode). The weights of the best validation epoch are restored before returning.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
+    total = s.epochs * s.steps_per_epoch
+    scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=int(s.warmup_ratio * total),
+                              num_training_steps=total)
+    history, best_epoch, best_score, best_state, bad_epochs, step, train_time = [], 0, None, None, 0, 0, 0.0
+    for epoch in range(1, s.epochs + 1):
+        (set_train_mode or model.train)()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)  # accumulated on device: no host sync per step
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for batch in train_batches(epoch):
+            with autocast(device, s.bf16):
+                logits, labels = forward(batch)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss.backward()
+            if s.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(-1) == labels).sum()
+            seen += len(labels)
+            step += 1
+        epoch_time = time.perf_counter() - start
+        train_time += epoch_time
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"training loss is {train_loss} in epoch {epoch} (try a lower lr)")
+        val = evaluate()
+        row = {"epoch": epoch, "step": step, "train_loss": train_loss, "train_accuracy": correct.item() / max(seen, 1),
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1_macro": val["f1_macro"],
+               "val_f1_weighted": val["f1_weighted"], "epoch_time_s": epoch_time,
+               "examples_per_s": seen / epoch_time, "lr": scheduler.get_last_lr()[0]}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        score = val[s.metric_for_best]
+        if better(s.metric_for_best, score, best_score):
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            bad_epochs += 1
+            if s.early_stopping_patience and bad_epochs >= s.early_stopping_patience:
+                break
+    if best_state is not None and best_epoch != len(history):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+    return history, best_epoch, train_time
+
+
+@torch.no_grad()
+def predict(forward: Callable[[Any], torch.Tensor], batches: Iterable, device: torch.device,
+            bf16: bool = False) -> torch.Tensor:
+    """Class probabilities for every batch, concatenated in batch order."""
+    out = []
+    for batch in batches:
+        with autocast(device, bf16):
+            logits, _ = forward(batch)
+        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros((0, 0))

@@ -1,0 +1,58 @@
+"""Predictions → metrics, with scikit-learn. Pure functions: no model, no I/O.
+
+Example::
+
+    >>> import numpy as np
+    >>> from peftbench.evaluate import compute_metrics
+    >>> m = compute_metrics(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]))
+    >>> round(m["accuracy"], 3), m["n"]
+    (0.667, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_labels: int | None = None) -> dict[str, Any]:
+    """Accuracy, precision/recall/F1 (weighted and macro), ROC-AUC (binary, or one-vs-rest macro), log loss and the
+    confusion matrix (rows = gold, columns = predicted) of class-probability predictions."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)  # float32 softmax rows sum to 1 ± eps
+    num_labels = num_labels or probs.shape[1]
+    classes = list(range(num_labels))
+    preds = probs.argmax(axis=1)
+    out: dict[str, Any] = {"n": int(len(labels)), "accuracy": float(skm.accuracy_score(labels, preds))}
+    for avg in ("weighted", "macro"):
+        p, r, f, _ = skm.precision_recall_fscore_support(labels, preds, labels=classes, average=avg, zero_division=0)
+        out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
+    out["roc_auc"] = roc_auc(labels, probs)
+    out["loss"] = float(skm.log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=classes))
+    out["confusion_matrix"] = skm.confusion_matrix(labels, preds, labels=classes).tolist()
+    return out
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary ROC-AUC on the positive class, or one-vs-rest macro over the classes present; None if undefined."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(skm.roc_auc_score(labels, probs[:, 1]))
+    # One-vs-rest over the classes present in the labels (sklearn needs every listed class to occur).
+    sub = probs[:, present]
+    sub = sub / np.clip(sub.sum(axis=1, keepdims=True), 1e-12, None)
+    if len(present) == 2:
+        return float(skm.roc_auc_score(labels == present[1], sub[:, 1]))
+    return float(skm.roc_auc_score(labels, sub, multi_class="ovr", average="macro", labels=present))
+
+
+def per_class_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support of each class."""
+    p, r, f, s = skm.precision_recall_fscore_support(labels, preds, labels=list(range(len(names))), zero_division=0)
+    return [{"label": n, "precision": float(pi), "recall": float(ri), "f1": float(fi), "support": int(si)}
+            for n, pi, ri, fi, si in zip(names, p, r, f, s)]

@@ -1,0 +1,381 @@
+"""One run end to end (data → model → method → train → evaluate → store), and a study as a loop over runs.
+
+Example::
+
+    >>> from peftbench.config import load_study, expand_runs
+    >>> from peftbench.runner import run_study
+    >>> summary = run_study(load_study("studies/demo.toml"), store="runs")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from peftbench import methods
+from peftbench.config import ConfigError, RunConfig, Study, expand_runs
+from peftbench.data import Splits, collate, load_splits, make_batches, tokenize
+from peftbench.engine import TrainSettings, predict, train
+from peftbench.evaluate import compute_metrics
+from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
+from peftbench.store import Store, write_json
+
+PACKAGES = ("torch", "transformers", "peft", "datasets", "scikit-learn", "numpy", "pandas", "tokenizers",
+            "safetensors")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA if available, else Apple MPS, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_splits(spec_json: str) -> Splits:
+    return load_splits(json.loads(spec_json))
+
+
+def get_splits(spec: dict[str, Any]) -> Splits:
+    """Load a dataset once per process (a study reuses it across arms and seeds)."""
+    return _cached_splits(json.dumps(spec, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=1)
+def environment_base() -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        git_hash = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        git_hash = None
+    try:
+        versions["peftbench"] = metadata.version("peftbench")
+    except metadata.PackageNotFoundError:
+        versions["peftbench"] = None
+    return {"python": platform.python_version(), "packages": versions, "git_hash": git_hash,
+            "hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated on GPU, else the process RSS sampled every 20 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+            self.peak = proc.memory_info().rss
+
+            def sample():
+                while not self._stop.wait(0.02):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+
+
+@dataclass
+class Prepared:
+    """A model ready to train, with the data it sees as index batches and a forward that maps a batch to logits."""
+
+    model: torch.nn.Module
+    splits: Splits
+    ids: dict[str, list[list[int]]]
+    labels: dict[str, torch.Tensor]
+    device: torch.device
+    pad_id: int
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # cached frozen-encoder outputs per split
+
+    def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, max_tokens: int | None = None):
+        lengths = [len(x) for x in self.ids[split]]
+        return [(split, b) for b in make_batches(lengths, batch_size, shuffle, seed, max_tokens)]
+
+    def predict_split(self, split: str, batch_size: int, bf16: bool = False,
+                      max_tokens: int | None = None) -> torch.Tensor:
+        """Class probabilities of every example of ``split``, in the split's order."""
+        self.model.eval()
+        batches = self.batches(split, batch_size, shuffle=False, max_tokens=max_tokens)
+        probs = predict(self.forward, batches, self.device, bf16)
+        ordered = torch.empty_like(probs)
+        ordered[torch.as_tensor(np.concatenate([b for _, b in batches]))] = probs
+        return ordered
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        split, idx = batch
+        labels = self.labels[split][idx].to(self.device, non_blocking=True)
+        if split in self.features:
+            return self.model.head(self.features[split][idx].to(self.device)), labels
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in collate(self.ids[split], idx,
+                                                                               self.pad_id).items()}
+        return self.model(**inputs).logits, labels
+
+
+def _cache_features(p: Prepared, run: RunConfig) -> None:
+    """Frozen encoder: compute its sentence vectors once; every epoch then only runs the head."""
+    p.model.eval()
+    with torch.no_grad():
+        for split in p.ids:
+            out = torch.empty((len(p.ids[split]), p.model.config.hidden_size))
+            for _, idx in p.batches(split, run.train["eval_batch_size"], shuffle=False,
+                                    max_tokens=run.train.get("max_tokens_per_batch")):
+                inputs = collate(p.ids[split], idx, p.pad_id)
+                with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=run.train["bf16"]):
+                    feats = p.model.features(inputs["input_ids"].to(p.device), inputs["attention_mask"].to(p.device))
+                out[torch.as_tensor(idx)] = feats.float().cpu()
+            p.features[split] = out
+
+
+def execute_run(run: RunConfig, store: Store, device: torch.device, position: int = 1) -> dict[str, Any]:
+    """Train and evaluate one run into the store. Failures are recorded in the run's result, never raised
+    (KeyboardInterrupt excepted: the half-built run is then simply discarded)."""
+    run_id = run.run_id
+    tmp = store.begin(run_id)
+    write_json(tmp / "config.json", run.to_dict())
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result: dict[str, Any] = {"run_id": run_id, "status": "failed", "error": None, "config": run.to_dict()}
+    env = {**environment_base(), "device": str(device)}
+    result["environment"] = env
+    try:
+        with PeakMemory(device) as mem:
+            body = _train_and_evaluate(run, store, device, tmp, env, position)
+        result.update(body)
+        result["costs"]["peak_memory_mb"] = mem.peak / 2**20
+        result["costs"]["peak_memory_kind"] = mem.kind
+        result["status"] = "success"
+    except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - OOM named for the reader
+        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    result["timing"] = {"started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(tmp / "result.json", result)
+    store.commit(run_id, tmp)
+    return result
+
+
+def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out: Path, env: dict,
+                        position: int) -> dict[str, Any]:
+    splits = get_splits(run.dataset)
+    tokenizer = load_tokenizer(run.model)
+    cfg = run.train
+    ids = {role: tokenize(getattr(splits, role)["text"].tolist(), tokenizer, cfg["max_length"],
+                          store.cache_dir / "tokens") for role in ("train", "validation", "test")}
+    labels = {role: torch.as_tensor(getattr(splits, role)["label"].to_numpy()) for role in ids}
+    env["model_fingerprint"] = model_fingerprint(resolve_model(run.model))
+    env["dataset_fingerprint"] = splits.fingerprint
+
+    seed_everything(run.seed)
+    backbone = build_classifier(run.model, len(splits.labels), cfg["pooling"], splits.labels)
+    model = methods.prepare(run.method, backbone, run.method_params)
+    params = methods.count_parameters(model, backbone.base_params)
+    model.to(device)
+    p = Prepared(model=model, splits=splits, ids=ids, labels=labels, device=device,
+                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    frozen = methods.uses_frozen_encoder(run.method)
+    if frozen and cfg.get("cache_frozen_features", True) and hasattr(model, "features"):
+        _cache_features(p, run)
+
+    def set_train_mode():
+        model.train()
+        if frozen:
+            model.base_model.eval()  # a frozen encoder keeps dropout off, so cached and recomputed outputs agree
+
+    def evaluate(split: str) -> tuple[dict[str, Any], torch.Tensor]:
+        probs = p.predict_split(split, cfg["eval_batch_size"], cfg["bf16"], cfg.get("max_tokens_per_batch"))
+        return compute_metrics(labels[split].numpy(), probs.numpy(), len(splits.labels)), probs
+
+    history, best_epoch, train_time = [], 0, 0.0
+    n_train = len(ids["train"])
+    if methods.METHODS[run.method].trains:
+        steps = len(p.batches("train", cfg["batch_size"], shuffle=True, seed=0,
+                              max_tokens=cfg.get("max_tokens_per_batch")))
+        settings = TrainSettings.from_config(cfg, steps)
+        bar = tqdm(total=settings.epochs * steps, desc=run.arm, position=position, leave=False, unit="step")
+
+        def train_batches(epoch: int):
+            for b in p.batches("train", cfg["batch_size"], shuffle=True, seed=run.seed * 1000 + epoch,
+                               max_tokens=cfg.get("max_tokens_per_batch")):
+                yield b
+                bar.update(1)
+
+        def on_epoch(row):
+            bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+        history, best_epoch, train_time = train(model, p.forward, train_batches, lambda: evaluate("validation")[0],
+                                                settings, device, set_train_mode, on_epoch)
+        bar.close()
+    else:
+        (out / "metrics.jsonl").touch()
+    adapter_size = methods.save_weights(run.method, model, out)
+
+    start = time.perf_counter()
+    val_metrics, _ = evaluate("validation")
+    test_metrics, test_probs = evaluate("test")
+    eval_time = time.perf_counter() - start
+    test = splits.test
+    preds = pd.DataFrame({"id": np.arange(len(test)), "text": test["text"].to_numpy(),
+                          "label": test["label"].to_numpy(), "pred": test_probs.argmax(1).numpy(),
+                          "probs": list(test_probs.numpy().astype(np.float32)),
+                          "length": [len(x) for x in ids["test"]]})
+    preds.to_parquet(out / "predictions.parquet", index=False)
+    examples_trained = n_train * len(history)
+    n_eval = len(ids["validation"]) + len(ids["test"])
+    return {
+        "labels": splits.labels,
+        "dataset_info": splits.info,
+        "metrics": {"validation": val_metrics, "test": test_metrics, "best_epoch": best_epoch,
+                    "epochs_run": len(history)},
+        "params": params,
+        "costs": {"train_time_s": train_time, "train_examples": examples_trained,
+                  "train_examples_per_s": examples_trained / train_time if train_time else None,
+                  "eval_time_s": eval_time, "eval_examples_per_s": n_eval / eval_time if eval_time else None,
+                  "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features)},
+        "pooling": backbone.pooling,
+    }
+
+
+@dataclass
+class StudySummary:
+    store: Path
+    run_ids: list[str]
+    done: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
+              retry_failed: bool = True) -> StudySummary:
+    """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
+
+    A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False.
+    """
+    store_obj = Store(store or study.store)
+    store_obj.root.mkdir(parents=True, exist_ok=True)
+    store_obj.clean_stale()
+    runs = expand_runs(study)
+    summary = StudySummary(store=store_obj.root, run_ids=[r.run_id for r in runs])
+    todo = []
+    for run in runs:
+        status = store_obj.status(run.run_id)
+        if status == "success" or (status == "failed" and not retry_failed):
+            summary.skipped += 1
+            if status == "failed":
+                summary.failed.append(run.run_id)
+        else:
+            todo.append(run)
+    dev = pick_device(device)
+    bar = tqdm(total=len(todo), desc=f"study {study.name}", position=0, unit="run")
+    for run in todo:
+        bar.set_postfix_str(run.arm)
+        result = execute_run(run, store_obj, dev)
+        summary.done += 1
+        costs = result.get("costs") or {}
+        if result["status"] == "failed":
+            summary.failed.append(run.run_id)
+            tqdm.write(f"FAILED {run.label}: {result['error']}")
+        else:
+            acc = result["metrics"]["test"]["accuracy"]
+            speed = costs.get("train_examples_per_s")
+            tqdm.write(f"done   {run.label}: test acc {acc:.4f}, "
+                       f"{costs['train_time_s']:.1f}s train" + (f", {speed:.0f} ex/s" if speed else ""))
+        bar.update(1)
+    bar.close()
+    return summary
+
+
+def check_study_inputs(study: Study) -> None:
+    """Fail fast, before any training, on data or model problems that would make every run fail."""
+    for spec in study.datasets.values():
+        get_splits(spec)
+    for model in study.models:
+        try:
+            load_model_config(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
+    return RunConfig.from_dict(json.loads(path.read_text()))
+
+
+def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, split: str = "test",
+                   device: str = "auto") -> dict[str, Any]:
+    """Evaluate a stored run's weights on ``split`` of ``dataset`` (default: the run's own dataset).
+
+    ``run_dir`` may also be the run's ``adapter/`` folder."""
+    run_dir = Path(run_dir)
+    if (run_dir / "adapter_config.json").is_file() and (run_dir.parent / "config.json").is_file():
+        run_dir = run_dir.parent
+    run = load_run_config(run_dir)
+    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else {}
+    if result.get("status") != "success":
+        raise ConfigError(f"{run_dir}: the run did not finish successfully ({result.get('error')})")
+    splits = get_splits(dataset or run.dataset)
+    if splits.labels != result["labels"]:
+        raise ConfigError(f"dataset labels {splits.labels} differ from the labels the run was trained on "
+                          f"{result['labels']}")
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(run.model)
+    frame = getattr(splits, split)
+    ids = {split: tokenize(frame["text"].tolist(), tokenizer, run.train["max_length"])}
+    seed_everything(run.seed)
+    backbone = build_classifier(run.model, len(splits.labels), run.train["pooling"], splits.labels)
+    model = methods.load_weights(run.method, backbone, run_dir).to(dev).eval()
+    p = Prepared(model=model, splits=splits, ids=ids, labels={split: torch.as_tensor(frame["label"].to_numpy())},
+                 device=dev, pad_id=tokenizer.pad_token_id or 0)
+    probs = p.predict_split(split, run.train["eval_batch_size"], run.train["bf16"])
+    return compute_metrics(frame["label"].to_numpy(), probs.numpy(), len(splits.labels))
