@@ -67,15 +67,19 @@ def better(metric: str, new: float, old: float | None) -> bool:
 def train(model: nn.Module, forward: Callable[[Any], torch.Tensor], train_batches: Callable[[int], Iterable],
           evaluate: Callable[[], dict[str, Any]], s: TrainSettings, device: torch.device,
           set_train_mode: Callable[[], None] | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict], int, float]:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          optimizer: torch.optim.Optimizer | None = None,
+          after_step: Callable[[int], None] | None = None) -> tuple[list[dict], int, float]:
     """Train ``model``; returns (per-epoch history, best epoch, training seconds excluding evaluation).
 
     ``forward(batch)`` returns ``(logits, labels)``; ``train_batches(epoch)`` yields batches; ``evaluate()`` returns
     validation metrics. ``set_train_mode`` puts the model in training mode (methods with a frozen encoder keep it in
-    eval mode). The weights of the best validation epoch are restored before returning.
+    eval mode). A method may bring its own ``optimizer`` (e.g. LoRA+) and an ``after_step(step)`` hook called after
+    each optimizer step (e.g. AdaLoRA's rank allocation). The weights of the best validation epoch are restored
+    before returning.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
+    optimizer = optimizer or make_optimizer(model, s.lr, s.weight_decay, device)
     total = s.epochs * s.steps_per_epoch
     scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=int(s.warmup_ratio * total),
                               num_training_steps=total)
@@ -94,6 +98,8 @@ def train(model: nn.Module, forward: Callable[[Any], torch.Tensor], train_batche
             if s.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
+            if after_step:
+                after_step(step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach() * len(labels)

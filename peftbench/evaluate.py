@@ -56,3 +56,36 @@ def per_class_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) ->
     p, r, f, s = skm.precision_recall_fscore_support(labels, preds, labels=list(range(len(names))), zero_division=0)
     return [{"label": n, "precision": float(pi), "recall": float(ri), "f1": float(fi), "support": int(si)}
             for n, pi, ri, fi, si in zip(names, p, r, f, s)]
+
+
+def compute_metrics_from_preds(labels: np.ndarray, preds: np.ndarray, num_labels: int,
+                               probs: np.ndarray | None = None) -> dict[str, Any]:
+    """The metrics of :func:`compute_metrics` from hard predictions (class ids), plus ``invalid``: the number of
+    predictions equal to -1 (a baseline whose answer named no label).
+
+    An invalid prediction is never mapped to a class: it counts as wrong in accuracy and as a miss of its gold class in
+    recall (precision of the classes is unaffected). When there are invalid predictions the confusion matrix gets one
+    extra final column, "invalid" (rows = gold, columns = predicted classes then invalid); without any it is the usual
+    square matrix. ``roc_auc`` and ``loss`` need probabilities and are None without ``probs``."""
+    labels = np.asarray(labels)
+    preds = np.asarray(preds)
+    classes = list(range(num_labels))
+    n_invalid = int((preds == -1).sum())
+    out: dict[str, Any] = {"n": int(len(labels)), "accuracy": float(skm.accuracy_score(labels, preds))}
+    for avg in ("weighted", "macro"):
+        p, r, f, _ = skm.precision_recall_fscore_support(labels, preds, labels=classes, average=avg, zero_division=0)
+        out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
+    if probs is not None:
+        probs = np.asarray(probs, dtype=np.float64)
+        probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
+        out["roc_auc"] = roc_auc(labels, probs)
+        out["loss"] = float(skm.log_loss(labels, np.clip(probs, 1e-12, 1.0), labels=classes))
+    else:
+        out["roc_auc"], out["loss"] = None, None
+    if n_invalid:
+        matrix = skm.confusion_matrix(labels, preds, labels=classes + [-1])[:num_labels]  # drop the empty gold row
+    else:
+        matrix = skm.confusion_matrix(labels, preds, labels=classes)
+    out["confusion_matrix"] = matrix.tolist()
+    out["invalid"] = n_invalid
+    return out

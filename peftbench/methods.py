@@ -6,12 +6,14 @@
 - ``lora``: peft LoRA adapters on ``target_modules`` (peft's own parameter names), the whole head trains too
   (``modules_to_save``: classifier *and* pooler / pre_classifier where the architecture has them).
 - ``untrained``: nothing trains; the randomly initialised head is evaluated (the pre-fine-tuning baseline).
+- ``tfidf`` and ``llm``: baselines that are not fine-tuned encoders (see ``peftbench.baselines``); they share the
+  splits, metrics and store of every other run.
 
 Example::
 
     >>> from peftbench import methods
     >>> sorted(methods.METHODS)
-    ['frozen', 'full', 'lora', 'untrained']
+    ['frozen', 'full', 'llm', 'lora', 'tfidf', 'untrained']
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from peftbench import baselines
 
 # Default LoRA targets per architecture (model_type → nn.Linear leaf names): the attention query and value projections.
 DEFAULT_TARGETS = {
@@ -60,6 +64,11 @@ class Method:
 
         kind, _, _ = self.params[key]
         value = check_value(f"{where}.{key}", kind, value)
+        if self.name in baselines.BASELINE_PARAMS:
+            try:
+                return baselines.check_param(self.name, key, value)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{key}: {e}") from None
         if key == "r" and value <= 0:
             raise ConfigError(f"{where}.r: expected a rank >= 1, got {value}")
         if key == "lora_alpha" and isinstance(value, str) and not re.fullmatch(r"\d*\.?\d*r", value):
@@ -192,12 +201,21 @@ METHODS: dict[str, Method] = {
                    label_keys=("r",), prepare=_prepare_lora),
     "untrained": Method("untrained", "no training: the freshly initialised head (pre-fine-tuning baseline)",
                         trains=False, prepare=_prepare_untrained),
+    "tfidf": Method("tfidf", "TF-IDF + logistic regression (scikit-learn)", params=baselines.TFIDF_PARAMS,
+                    trains=False),
+    "llm": Method("llm", "a chat-completions model asked zero- or few-shot", params=baselines.LLM_PARAMS,
+                  trains=False, label_keys=("model", "shots")),
 }
 
 
 def prepare(method: str, backbone, params: dict[str, Any]) -> nn.Module:
     """Return the model to train for ``method`` with exactly the right parameters requiring grad."""
     return METHODS[method].prepare(backbone, params)
+
+
+def is_baseline(method: str) -> bool:
+    """Methods without an encoder to fine-tune: they run through ``peftbench.baselines``."""
+    return method in baselines.BASELINE_PARAMS
 
 
 def uses_frozen_encoder(method: str) -> bool:

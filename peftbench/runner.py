@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from peftbench import methods
+from peftbench import baselines, methods
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, load_splits, make_batches, tokenize
 from peftbench.engine import TrainSettings, predict, train
-from peftbench.evaluate import compute_metrics
+from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
 from peftbench.store import Store, write_json
 
@@ -189,7 +189,10 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     result["environment"] = env
     try:
         with PeakMemory(device) as mem:
-            body = _train_and_evaluate(run, store, device, tmp, env, position)
+            if methods.is_baseline(run.method):
+                body = _run_baseline(run, store, tmp, env)
+            else:
+                body = _train_and_evaluate(run, store, device, tmp, env, position)
         result.update(body)
         result["costs"]["peak_memory_mb"] = mem.peak / 2**20
         result["costs"]["peak_memory_kind"] = mem.kind
@@ -209,7 +212,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     cfg = run.train
     ids = {role: tokenize(getattr(splits, role)["text"].tolist(), tokenizer, cfg["max_length"],
                           store.cache_dir / "tokens") for role in ("train", "validation", "test")}
-    labels = {role: torch.as_tensor(getattr(splits, role)["label"].to_numpy()) for role in ids}
+    labels = {role: torch.tensor(getattr(splits, role)["label"].to_numpy()) for role in ids}
     env["model_fingerprint"] = model_fingerprint(resolve_model(run.model))
     env["dataset_fingerprint"] = splits.fingerprint
 
@@ -263,12 +266,8 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     val_metrics, _ = evaluate("validation")
     test_metrics, test_probs = evaluate("test")
     eval_time = time.perf_counter() - start
-    test = splits.test
-    preds = pd.DataFrame({"id": np.arange(len(test)), "text": test["text"].to_numpy(),
-                          "label": test["label"].to_numpy(), "pred": test_probs.argmax(1).numpy(),
-                          "probs": list(test_probs.numpy().astype(np.float32)),
-                          "length": [len(x) for x in ids["test"]]})
-    preds.to_parquet(out / "predictions.parquet", index=False)
+    write_predictions(out, splits.test, np.arange(len(splits.test)), test_probs.argmax(1).numpy(),
+                      test_probs.numpy())
     examples_trained = n_train * len(history)
     n_eval = len(ids["validation"]) + len(ids["test"])
     return {
@@ -283,6 +282,36 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
                   "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features)},
         "pooling": backbone.pooling,
     }
+
+
+def word_counts(texts: pd.Series) -> np.ndarray:
+    return texts.str.split().str.len().to_numpy()
+
+
+def write_predictions(out: Path, test: pd.DataFrame, ids: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> None:
+    """``predictions.parquet``: one row per test example (``length`` in words, the same for every method)."""
+    pd.DataFrame({"id": ids, "text": test["text"].to_numpy(), "label": test["label"].to_numpy(), "pred": preds,
+                  "probs": list(np.asarray(probs, dtype=np.float32)), "length": word_counts(test["text"])}
+                 ).to_parquet(out / "predictions.parquet", index=False)
+
+
+def _run_baseline(run: RunConfig, store: Store, out: Path, env: dict) -> dict[str, Any]:
+    """TF-IDF or LLM: no encoder to fine-tune, same splits, metrics and files as every other run."""
+    splits = get_splits(run.dataset)
+    env["dataset_fingerprint"] = splits.fingerprint
+    res = baselines.run_baseline(run.method, run.method_params, splits, run.seed, store.cache_dir)
+    n_labels = len(splits.labels)
+    ids = np.arange(len(splits.test)) if res.test_ids is None else np.asarray(res.test_ids)
+    test = splits.test.iloc[ids]
+    val = None if res.val_preds is None else compute_metrics_from_preds(
+        splits.validation["label"].to_numpy(), res.val_preds, n_labels, res.val_probs)
+    probs = res.probs if res.probs is not None else np.full((len(ids), n_labels), np.nan)
+    write_predictions(out, test, ids, res.preds, probs)
+    (out / "metrics.jsonl").touch()
+    test_metrics = compute_metrics_from_preds(test["label"].to_numpy(), res.preds, n_labels, res.probs)
+    return {"labels": splits.labels, "dataset_info": splits.info,
+            "metrics": {"validation": val, "test": test_metrics, "best_epoch": None, "epochs_run": 0},
+            "params": res.params, "costs": res.costs, "baseline_info": res.info}
 
 
 @dataclass

@@ -32,9 +32,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "tolist"):
+    if hasattr(x, "tolist"):  # numpy arrays and scalars, torch tensors
         return x.tolist()
     if isinstance(x, Path):
         return str(x)

@@ -1,9 +1,248 @@
-"""Reports from the run store (issue #3 fills this in)."""
+"""Reports from the run store: tables, efficiency, a non-inferiority verdict, plots and error analysis.
 
+Reads only the store (result.json, metrics.jsonl, predictions.parquet of each run), never retrains, and can be re-run
+at any time. The work is split into pure functions (``tables``, ``verdict``, ``errors``, ``plots``, ``render``,
+``document``); :func:`write_report` is the one function that writes files. docs/report.md explains every section.
+
+Example::
+
+    >>> from peftbench.report import write_report
+    >>> out = write_report("runs")          # doctest: +SKIP
+    >>> sorted(p.name for p in out.iterdir())  # doctest: +SKIP
+    ['plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
+
+or from the shell: ``peftbench report runs`` (a store) or ``peftbench report studies/demo.toml`` (a study's runs).
+"""
+
+from __future__ import annotations
+
+import json
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from peftbench.report import document, errors, plots, render, tables, verdict
+from peftbench.store import Store, flatten, write_json
+
+DEFAULT_SETTINGS = {"reference": "full", "metric": "accuracy", "selection_metric": "accuracy", "margin": 1.0}
+PAIRED_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
+                  "recall_weighted")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading the store
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_runs(store: str | Path, run_ids: list[str] | None = None) -> pd.DataFrame:
+    """One row per stored run: :func:`peftbench.store.flatten` plus ``nuisance`` (the run's train settings as
+    canonical JSON), ``labels`` and ``test_confusion_matrix``. Run ids without a finished folder are skipped."""
+    rows = []
+    for result in Store(store).results(run_ids):
+        row = flatten(result)
+        train = (result.get("config") or {}).get("train")
+        row["nuisance"] = json.dumps(train, sort_keys=True) if train is not None else None
+        row["labels"] = result.get("labels") or []
+        row["test_confusion_matrix"] = ((result.get("metrics") or {}).get("test") or {}).get("confusion_matrix")
+        rows.append(row)
+    return tables.ensure_columns(pd.DataFrame(rows))
+
+
+def _read(run_dir: Any, name: str, reader) -> pd.DataFrame | None:
+    if not isinstance(run_dir, str):
+        return None
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return None
+    try:
+        return reader(path)
+    except Exception:  # a damaged file: the report says the run has no predictions/curves rather than crashing
+        return None
+
+
+def load_predictions(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each successful run's predictions.parquet (runs without one are left out)."""
+    out = {}
+    for _, row in runs[runs["status"] == "success"].iterrows():
+        frame = _read(row["path"], "predictions.parquet", pd.read_parquet)
+        if frame is not None and {"id", "label", "pred"} <= set(frame.columns):
+            out[row["run_id"]] = frame
+    return out
+
+
+def load_curves(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each successful run's metrics.jsonl (one row per epoch)."""
+    out = {}
+    for _, row in runs[runs["status"] == "success"].iterrows():
+        frame = _read(row["path"], "metrics.jsonl", lambda p: pd.read_json(p, lines=True))
+        if frame is not None and len(frame):
+            out[row["run_id"]] = frame
+    return out
+
+
+def settings_of(study: Any = None) -> dict[str, Any]:
+    """The study's [report] settings over the defaults (reference 'full', accuracy, margin 1 point)."""
+    return {**DEFAULT_SETTINGS, **(getattr(study, "report", None) or {})}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Analysis (pure)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def arm_predictions(arm_row: pd.Series, selected: pd.DataFrame,
+                    predictions: dict[str, pd.DataFrame]) -> dict[Any, pd.DataFrame]:
+    """``{seed: predictions}`` of an arm's chosen runs (those with stored predictions)."""
+    ids = arm_row["run_ids"].split()
+    runs = selected[selected["run_id"].isin(ids)]
+    return {int(r["seed"]) if pd.notna(r["seed"]) else r["run_id"]: predictions[r["run_id"]]
+            for _, r in runs.iterrows() if r["run_id"] in predictions}
+
+
+def prediction_checks(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Test accuracy recomputed from each run's predictions.parquet beside the value in its result.json."""
+    rows = []
+    for _, row in runs[runs["run_id"].isin(list(predictions))].iterrows():
+        again = errors.recomputed_accuracy(predictions[row["run_id"]])
+        stored = row["test_accuracy"]
+        rows.append({"run_id": row["run_id"], "arm": row["arm"], "seed": row["seed"], "stored": stored,
+                     "recomputed": again, "match": bool(pd.notna(stored) and abs(again - stored) < 1e-9)})
+    return pd.DataFrame(rows, columns=["run_id", "arm", "seed", "stored", "recomputed", "match"])
+
+
+def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict[str, pd.DataFrame],
+                  curves: dict[str, pd.DataFrame], settings: dict[str, Any]) -> dict[str, Any]:
+    """Verdicts, error analysis and curves of one model × dataset group (its rows of the arm table)."""
+    metric = settings["metric"]
+    paired_metric = metric if metric in PAIRED_METRICS else "accuracy"
+    preds = {row["arm"]: arm_predictions(row, selected, predictions) for _, row in group.iterrows()}
+    ids = set(" ".join(group["run_ids"]).split())
+    labels = next((lab for lab in selected.loc[selected["run_id"].isin(ids), "labels"] if len(lab)), [])
+    out: dict[str, Any] = {"model": group["model"].iloc[0], "dataset": group["dataset"].iloc[0], "table": group,
+                           "labels": list(labels), "paired_metric": paired_metric}
+
+    ref = tables.find_reference(group, settings["reference"])
+    out["reference"] = None if ref is None else ref["arm"]
+    rows = []
+    if ref is not None:
+        for _, cand in group.iterrows():
+            if cand["arm"] == ref["arm"]:
+                continue
+            result = verdict.compare(preds[ref["arm"]], preds[cand["arm"]], margin=float(settings["margin"]),
+                                     metric=paired_metric)
+            rows.append({"model": out["model"], "dataset": out["dataset"], "arm": cand["arm"],
+                         "method": cand["method"], "reference": ref["arm"],
+                         "trainable_pct": cand["params_trainable_pct"], **result})
+    out["verdicts"] = pd.DataFrame(rows)
+
+    best = tables.best_arm(group, metric)
+    out["best"] = None if best is None else best["arm"]
+    with_preds = {arm: p for arm, p in preds.items() if p}
+    out["by_length"] = errors.error_by_length(with_preds)
+    if best is not None and preds.get(best["arm"]):
+        out["per_class"] = errors.per_class(preds[best["arm"]], labels)
+        out["mistakes"] = errors.confident_mistakes(preds[best["arm"]], labels)
+        out["confusion"] = errors.confusion(preds[best["arm"]], len(labels) or int(out["per_class"].shape[0]))
+    else:
+        out["per_class"] = out["mistakes"] = None
+        stored = selected.loc[selected["arm"] == out["best"], "test_confusion_matrix"].dropna().tolist()
+        out["confusion"] = sum(pd.DataFrame(m).to_numpy() for m in stored) if stored else None
+
+    # Disagreements: the reference against the best LoRA arm (else the best other arm with predictions).
+    out["pair"], out["disagree_counts"], out["disagree"] = None, None, None
+    if ref is not None and preds.get(ref["arm"]):
+        others = group[(group["arm"] != ref["arm"]) & group["arm"].isin(list(with_preds))]
+        lora = others[others["method"] == "lora"]
+        other = tables.best_arm(lora if len(lora) else others, metric)
+        if other is not None:
+            counts, table = errors.disagreements(preds[ref["arm"]], preds[other["arm"]], labels)
+            out["pair"], out["disagree_counts"], out["disagree"] = (ref["arm"], other["arm"]), counts, table
+
+    arm_curves = {}
+    for _, row in group.iterrows():
+        frames = [curves[i] for i in row["run_ids"].split() if i in curves]
+        if frames:
+            arm_curves[row["arm"]] = pd.concat(frames, ignore_index=True)
+    out["curves"] = arm_curves
+    return out
+
+
+def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: dict[str, pd.DataFrame],
+            settings: dict[str, Any]) -> dict[str, Any]:
+    """Everything the report shows, as tables: nuisance choice, arm table, efficiency, per-group verdicts and error
+    analysis, failed runs, prediction checks. Pure."""
+    runs = tables.ensure_columns(runs)
+    scores = tables.nuisance_scores(runs, settings["selection_metric"])
+    selected = tables.select_nuisance(runs, settings["selection_metric"])
+    table = tables.arm_table(selected)
+    groups = []
+    if len(table):
+        for _, group in table.groupby(["model", "dataset"], sort=False, dropna=False):
+            groups.append(analyse_group(group.reset_index(drop=True), selected, predictions, curves, settings))
+    verdicts = [g["verdicts"] for g in groups if len(g["verdicts"])]
+    return {"settings": settings, "runs": runs, "nuisance": scores, "selected": selected, "table": table,
+            "efficiency": tables.efficiency(table, settings["reference"], settings["metric"]) if len(table) else
+            pd.DataFrame(), "verdicts": pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
+            "groups": groups, "failed": tables.failed_runs(runs),
+            "summary": tables.runs_summary(runs, set(selected["run_id"]) if len(selected) else set()),
+            "checks": prediction_checks(runs, predictions)}
+
+
+def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]:
+    """PNG figures per group key ("model | dataset"): a list of (file name, PNG bytes, caption)."""
+    metric = analysis["settings"]["metric"]
+    several = len(analysis["groups"]) > 1
+    out = {}
+    for i, g in enumerate(analysis["groups"]):
+        suffix = f"-{i + 1}" if several else ""
+        made = [("metric_vs_rank", plots.metric_vs_rank(g["table"], metric), f"test {metric} vs LoRA rank"),
+                ("metric_vs_params", plots.metric_vs_params(g["table"], metric),
+                 f"test {metric} vs trainable parameters, Pareto frontier ringed"),
+                ("training_curves", plots.training_curves(g["curves"]), "training curves per arm (mean over seeds)"),
+                ("confusion_matrix", None if g["confusion"] is None else plots.confusion_matrix(
+                    g["confusion"], g["labels"] or [str(k) for k in range(len(g["confusion"]))],
+                    f"{g['best']} (seeds summed)"), f"confusion matrix of the best arm, {g['best']}"),
+                ("train_time", plots.train_time(g["table"]), "training time per arm")]
+        out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(fig), caption)
+                                      for name, fig, caption in made if fig is not None]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The writer
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def write_report(store, run_ids=None, study=None, out_dir=None) -> Path:
-    out = Path(out_dir or Path(store) / "report")
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report of a store (all its runs, or ``run_ids``) into ``out_dir`` (default ``STORE/report``) and
+    return that folder: report.md, report.html, results.csv, results.json, runs.csv, table.md, table.tex, plots/.
+
+    ``study`` (a :class:`peftbench.config.Study`) supplies the title and its [report] settings: reference arm,
+    headline metric, selection metric and non-inferiority margin."""
+    store = Path(store)
+    out = Path(out_dir) if out_dir else store / "report"
+    settings = settings_of(study)
+    runs = load_runs(store, run_ids)
+    analysis = analyse(runs, load_predictions(runs), load_curves(runs), settings)
+    figs = figures(analysis)
+    title = getattr(study, "name", None) or store.resolve().name
+    meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or ""}
+
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for old in plot_dir.glob("*.png"):  # a re-run replaces the figures of the previous report
+        old.unlink()
+    for items in figs.values():
+        for name, data, _ in items:
+            (plot_dir / name).write_bytes(data)
+    md_blocks = document.blocks(analysis, {k: [(f"plots/{n}", d, c) for n, d, c in v] for k, v in figs.items()}, meta)
+    (out / "report.md").write_text(render.markdown(md_blocks), encoding="utf-8")
+    (out / "report.html").write_text(render.html_page(md_blocks, f"peftbench report: {title}"), encoding="utf-8")
+    (out / "table.md").write_text(render.markdown_table(document.arm_display(analysis["table"], settings["metric"]))
+                                  + "\n" if len(analysis["table"]) else "_(no successful runs)_\n", encoding="utf-8")
+    (out / "table.tex").write_text(render.latex_table(analysis["table"], title) if len(analysis["table"]) else "", "utf-8")
+    analysis["table"].to_csv(out / "results.csv", index=False)
+    analysis["summary"].to_csv(out / "runs.csv", index=False)
+    write_json(out / "results.json", document.results_json(analysis, meta))
     return out

@@ -1,0 +1,171 @@
+"""Report figures. Each function takes tables (one model × dataset group) and returns a matplotlib Figure, or None
+when there is nothing to draw. Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, no display,
+no global backend switch: ``savefig`` renders PNG with the Agg canvas), and :func:`png` turns one into PNG bytes.
+
+Example::
+
+    >>> import pandas as pd
+    >>> from peftbench.report.plots import pareto_front
+    >>> t = pd.DataFrame({"params_trainable": [10, 100, 1000], "accuracy": [0.8, 0.7, 0.9]})
+    >>> pareto_front(t, "params_trainable", "accuracy")
+    [0, 2]
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
+
+REFERENCE_LINES = {"full": ("full fine-tuning", "tab:red", "--"), "frozen": ("frozen encoder", "tab:gray", ":")}
+
+
+def png(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _pts(x: Any) -> Any:
+    return 100.0 * x
+
+
+def metric_vs_rank(table: pd.DataFrame, metric: str = "accuracy") -> Figure | None:
+    """Test ``metric`` (points) against LoRA rank on a log axis, error bars = std over seeds; full fine-tuning and
+    the frozen encoder as horizontal reference lines (shaded ± their std)."""
+    ranked = table[table["r"].notna()].sort_values("r")
+    if not len(ranked):
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for method, part in ranked.groupby("method", sort=False):
+        ax.errorbar(part["r"], _pts(part[metric]), yerr=_pts(part[f"{metric}_std"].fillna(0)), marker="o",
+                    capsize=4, label=f"{method} (mean ± std over seeds)")
+    for method, (label, color, style) in REFERENCE_LINES.items():
+        ref = table[table["method"] == method]
+        for _, row in ref.iterrows():
+            y, sd = _pts(row[metric]), _pts(row[f"{metric}_std"]) if pd.notna(row[f"{metric}_std"]) else 0.0
+            ax.axhline(y, color=color, linestyle=style, label=f"{row['arm']} ({label})")
+            if sd:
+                ax.axhspan(y - sd, y + sd, color=color, alpha=0.1)
+    ranks = sorted(ranked["r"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(int(r)) for r in ranks])
+    ax.set_xlabel("LoRA rank r (log scale)")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_title(f"{metric} vs rank")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def pareto_front(table: pd.DataFrame, x: str, y: str) -> list[int]:
+    """Index labels of the rows no other row beats on both fewer ``x`` and higher ``y`` (sorted by ``x``)."""
+    pts = table[[x, y]].dropna().sort_values([x, y], ascending=[True, False], kind="stable")
+    front, best = [], -np.inf
+    for idx, row in pts.iterrows():
+        if row[y] > best:
+            front.append(idx)
+            best = row[y]
+    return front
+
+
+def metric_vs_params(table: pd.DataFrame, metric: str = "accuracy") -> Figure | None:
+    """Test ``metric`` against trainable parameters (log axis); the Pareto frontier (no arm has fewer parameters and
+    a higher score) is joined and ringed. Arms without trainable parameters (untrained head) are a horizontal line."""
+    plotted = table[(table["params_trainable"] > 0) & table[metric].notna()]
+    if not len(plotted):
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.errorbar(plotted["params_trainable"], _pts(plotted[metric]), yerr=_pts(plotted[f"{metric}_std"].fillna(0)),
+                fmt="o", capsize=3, color="tab:blue", label="arm (mean ± std)")
+    for _, row in plotted.iterrows():
+        ax.annotate(str(row["arm"]), (row["params_trainable"], _pts(row[metric])), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    front = plotted.loc[pareto_front(plotted, "params_trainable", metric)]
+    ax.step(front["params_trainable"], _pts(front[metric]), where="post", color="tab:orange", alpha=0.7)
+    ax.scatter(front["params_trainable"], _pts(front[metric]), s=160, facecolors="none", edgecolors="tab:orange",
+               label="Pareto frontier")
+    for _, row in table[(table["params_trainable"].fillna(0) == 0) & table[metric].notna()].iterrows():
+        ax.axhline(_pts(row[metric]), color="tab:gray", linestyle=":", label=f"{row['arm']} (no trainable params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_title(f"{metric} vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def training_curves(curves: dict[str, pd.DataFrame]) -> Figure | None:
+    """One panel per arm: train and validation loss (left axis) and accuracy (right axis) per epoch, averaged over
+    the arm's seeds. ``curves`` maps arm → the stacked metrics.jsonl rows of its runs."""
+    curves = {arm: c for arm, c in curves.items() if len(c) and "epoch" in c}
+    if not curves:
+        return None
+    cols = min(3, len(curves))
+    rows = int(np.ceil(len(curves) / cols))
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (arm, c) in zip(axes, curves.items()):
+        mean = c.groupby("epoch").mean(numeric_only=True)
+        acc_ax = ax.twinx()
+        for col, color, style in (("train_loss", "tab:blue", "-"), ("val_loss", "tab:blue", "--")):
+            if col in mean:
+                ax.plot(mean.index, mean[col], color=color, linestyle=style, marker=".", label=col)
+        for col, color, style in (("train_accuracy", "tab:green", "-"), ("val_accuracy", "tab:green", "--")):
+            if col in mean:
+                acc_ax.plot(mean.index, _pts(mean[col]), color=color, linestyle=style, marker=".", label=col)
+        ax.set_title(str(arm), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss", color="tab:blue")
+        acc_ax.set_ylabel("accuracy (%)", color="tab:green")
+        lines = ax.get_legend_handles_labels()
+        more = acc_ax.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center right")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(matrix: np.ndarray, labels: list[str], title: str) -> Figure:
+    """Confusion matrix counts (rows = gold, columns = predicted); numbers printed up to 20 classes."""
+    k = len(labels)
+    size = min(4 + 0.3 * k, 16)
+    fig = Figure(figsize=(size, size * 0.85))
+    ax = fig.subplots()
+    disp = ConfusionMatrixDisplay(np.asarray(matrix), display_labels=labels)
+    disp.plot(ax=ax, include_values=k <= 20, cmap="Blues", colorbar=True, xticks_rotation=45 if k > 4 else "horizontal")
+    if k > 30:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(title)
+    return fig
+
+
+def train_time(table: pd.DataFrame) -> Figure | None:
+    """Training time per arm (mean ± std over seeds); log axis when the times span more than two decades."""
+    t = table[table["train_time_s"].notna()]
+    if not len(t):
+        return None
+    fig = Figure(figsize=(6, 0.5 * len(t) + 1.5))
+    ax = fig.subplots()
+    y = np.arange(len(t))
+    ax.barh(y, t["train_time_s"], xerr=t["train_time_s_std"].fillna(0), capsize=3, color="tab:purple", alpha=0.8)
+    ax.set_yticks(y, [str(a) for a in t["arm"]])
+    ax.invert_yaxis()
+    positive = t.loc[t["train_time_s"] > 0, "train_time_s"]
+    if len(positive) and positive.max() / positive.min() > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel("training time (s, mean over seeds)")
+    ax.set_title("training time per arm")
+    ax.grid(axis="x", alpha=0.3)
+    return fig

@@ -1,0 +1,256 @@
+"""Writers' helpers: number formatting, and one report document rendered as GitHub Markdown, self-contained HTML,
+a LaTeX booktabs table and JSON-safe records. Pure: strings in, strings out.
+
+A document is a list of blocks::
+
+    ("h", level, text)            heading
+    ("p", text)                   paragraph (inline **bold**, `code` and [links](file) allowed)
+    ("list", [text, ...])         bullet list
+    ("table", frame)              a DataFrame of display strings (sortable in HTML)
+    ("img", path, png_bytes, alt) a figure: linked by path in Markdown, inlined as base64 in HTML
+
+Example::
+
+    >>> import pandas as pd
+    >>> from peftbench.report.render import markdown
+    >>> print(markdown([("h", 1, "Report"), ("table", pd.DataFrame({"arm": ["full"], "acc": ["85.0"]}))]))
+    # Report
+    <BLANKLINE>
+    | arm | acc |
+    |---|---|
+    | full | 85.0 |
+    <BLANKLINE>
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+NA = "n/a"
+
+# --------------------------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def missing(x: Any) -> bool:
+    return x is None or (isinstance(x, (float, np.floating)) and math.isnan(x)) or x is pd.NA
+
+
+def pts(x: Any, digits: int = 2) -> str:
+    """A fraction as points: 0.8531 → '85.31'."""
+    return NA if missing(x) else f"{100.0 * float(x):.{digits}f}"
+
+
+def num(x: Any, digits: int = 1) -> str:
+    return NA if missing(x) else f"{float(x):,.{digits}f}"
+
+
+def signed(x: Any, digits: int = 2) -> str:
+    return NA if missing(x) else f"{float(x):+.{digits}f}".replace("-", "−")
+
+
+def count(x: Any) -> str:
+    return NA if missing(x) else f"{int(round(float(x))):,}"
+
+
+def size(nbytes: Any) -> str:
+    if missing(nbytes):
+        return NA
+    nbytes = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return NA
+
+
+def mean_std(row: pd.Series, metric: str, with_ci: bool = True) -> str:
+    """'85.31 ± 0.42 [84.90, 85.80]' (points); just the mean for one seed."""
+    mean = row.get(metric)
+    if missing(mean):
+        return NA
+    text = pts(mean)
+    if not missing(row.get(f"{metric}_std")):
+        text += f" ± {pts(row[f'{metric}_std'])}"
+    if with_ci and not missing(row.get(f"{metric}_ci_low")):
+        text += f" [{pts(row[f'{metric}_ci_low'])}, {pts(row[f'{metric}_ci_high'])}]"
+    return text
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as JSON-safe dicts (NaN → None, numpy scalars → Python)."""
+    out = []
+    for row in frame.to_dict("records"):
+        out.append({str(k): jsonable(v) for k, v in row.items()})
+    return out
+
+
+def jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return [jsonable(x) for x in v.tolist()]
+    if missing(v):
+        return None
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cell(x: Any) -> str:
+    text = NA if missing(x) else str(x)
+    return text.replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of a frame's display values."""
+    head = "| " + " | ".join(_cell(c) for c in frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule] + body)
+
+
+def markdown(blocks: list[tuple]) -> str:
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append("#" * block[1] + " " + block[2])
+        elif kind == "p":
+            parts.append(block[1])
+        elif kind == "list":
+            parts.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "table":
+            parts.append(markdown_table(block[1]) if len(block[1]) else "_(none)_")
+        elif kind == "img":
+            parts.append(f"![{block[3]}]({block[1]})")
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HTML (self-contained: inline CSS, base64 PNGs, a small inline table sorter; no network)
+# --------------------------------------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; color: #1f2328; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; display: block; overflow-x: auto; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; cursor: pointer; white-space: nowrap; }
+th.asc::after { content: " ▲"; } th.desc::after { content: " ▼"; }
+tr:nth-child(even) td { background: #fafbfc; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+code { background: #f6f8fa; padding: 0 3px; border-radius: 3px; }
+"""
+
+SORTER = """
+document.querySelectorAll("table.sortable th").forEach(function (th) {
+  th.addEventListener("click", function () {
+    var table = th.closest("table"), body = table.tBodies[0], col = th.cellIndex;
+    var asc = !th.classList.contains("asc");
+    table.querySelectorAll("th").forEach(function (h) { h.classList.remove("asc", "desc"); });
+    th.classList.add(asc ? "asc" : "desc");
+    function key(row) {
+      var text = row.cells[col].textContent.trim();
+      var v = parseFloat(text.replace(/,/g, "").replace(/\\u2212/g, "-").replace(/^[^0-9+\\-.]*/, ""));
+      return isNaN(v) ? [1, text.toLowerCase()] : [0, v];
+    }
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      var c = x[0] - y[0] || (x[1] < y[1] ? -1 : x[1] > y[1] ? 1 : 0);
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def inline_html(text: str) -> str:
+    """Escape, then turn Markdown inline `code`, **bold** and [text](href) into HTML."""
+    out = html.escape(text, quote=True)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', out)
+    return out
+
+
+def html_table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(NA if missing(v) else str(v))}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def html_page(blocks: list[tuple], title: str) -> str:
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            level = min(block[1], 6)
+            parts.append(f"<h{level}>{inline_html(block[2])}</h{level}>")
+        elif kind == "p":
+            parts.append(f"<p>{inline_html(block[1])}</p>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            parts.append(html_table(block[1]) if len(block[1]) else "<p><em>(none)</em></p>")
+        elif kind == "img":
+            data = base64.b64encode(block[2]).decode("ascii")
+            parts.append(f'<img alt="{html.escape(block[3])}" src="data:image/png;base64,{data}">')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(parts)
+            + f"\n<script>{SORTER}</script>\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LaTeX
+# --------------------------------------------------------------------------------------------------------------------
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def latex_table(table: pd.DataFrame, title: str = "") -> str:
+    """The financial-sentiment notebook's booktabs table: Configuration, Params %, Accuracy, F1 (macro), Time —
+    mean $\\pm$ std over seeds, in points. Needs ``\\usepackage{booktabs}``."""
+    lines = [r"% peftbench report table; needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
+             r"\begin{tabular}{lrrrr}", r"\toprule",
+             r"Configuration & Params (\%) & Accuracy (\%) & F1 macro (\%) & Time (s) \\", r"\midrule"]
+
+    def cell(row, m):
+        if missing(row.get(m)):
+            return NA
+        text = pts(row[m])
+        return text + (rf" $\pm$ {pts(row[f'{m}_std'])}" if not missing(row.get(f"{m}_std")) else "")
+
+    for _, row in table.iterrows():
+        config = tex_escape(row["arm"]) + (f" (n={int(row['seeds'])})" if row.get("seeds", 1) > 1 else "")
+        share = NA if missing(row.get("params_trainable_pct")) else f"{row['params_trainable_pct']:.3g}"
+        lines.append(f"{config} & {share} & {cell(row, 'accuracy')} & {cell(row, 'f1_macro')} & "
+                     f"{num(row.get('train_time_s'))} \\\\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines.append(rf"\caption{{{tex_escape(title) + ': ' if title else ''}test scores in points, mean $\pm$ std over "
+                 r"seeds; learning rate picked per configuration on validation.}")
+    lines += [r"\label{tab:peftbench}", r"\end{table}"]
+    return "\n".join(lines) + "\n"

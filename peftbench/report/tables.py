@@ -1,0 +1,236 @@
+"""Runs → one row per arm: the nuisance setting picked on validation, mean ± std and a 95% CI over seeds, efficiency.
+
+Pure functions on the DataFrame of :func:`peftbench.report.load_runs` (one row per run, the columns of
+:func:`peftbench.store.flatten` plus ``nuisance``, the run's ``train`` settings as canonical JSON).
+
+Example::
+
+    >>> import pandas as pd
+    >>> from peftbench.report.tables import seed_ci
+    >>> low, high, how = seed_ci([0.80, 0.82, 0.81, 0.83])
+    >>> how, low <= 0.815 <= high
+    ('bootstrap', True)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+ARM_KEY = ["model", "dataset", "arm"]
+METRICS = ["accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
+           "recall_macro", "roc_auc"]
+PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "params_base_model",
+          "params_trainable_pct"]
+COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes"]
+# Table order: baselines first, then by rank, the full fine-tuning reference last; unknown methods in between.
+METHOD_ORDER = {"untrained": 0, "tfidf": 1, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
+# Runs with more seeds than this get a percentile bootstrap CI; 2 seeds get a Student t interval (see seed_ci).
+MIN_SEEDS_FOR_BOOTSTRAP = 3
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "loss"
+
+
+def ensure_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add every column the report reads, empty where a run (e.g. a failed one, or a tf-idf baseline) lacks it."""
+    wanted = ["run_id", "status", "error", "study", "arm", "model", "dataset", "method", "seed", "r", "lr",
+              "lr_scheduler", "nuisance", "path"]
+    wanted += [f"{split}_{m}" for split in ("test", "val") for m in METRICS + ["loss"]]
+    wanted += PARAMS + COSTS
+    runs = runs.copy()
+    for col in wanted:
+        if col not in runs.columns:
+            runs[col] = np.nan if col not in ("arm", "model", "dataset", "method", "nuisance") else None
+    # A run without an arm label (hand-made store) is labelled by its method.
+    runs["arm"] = runs["arm"].where(runs["arm"].notna(), runs["method"]).astype(object)
+    for col in ("model", "dataset", "nuisance", "method"):
+        runs[col] = runs[col].where(runs[col].notna(), "?").astype(object)
+    return runs
+
+
+def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that did not succeed: run id, arm, seed and the one-line error."""
+    bad = runs[runs["status"] != "success"]
+    cols = ["run_id", "model", "dataset", "arm", "lr", "seed", "status", "error"]
+    return bad[cols].reset_index(drop=True)
+
+
+def nuisance_label(train: dict[str, Any], keys: list[str]) -> str:
+    """``lr=0.001, lr_scheduler=linear`` for the train settings in ``keys``."""
+    return ", ".join(f"{k}={train.get(k)}" for k in keys) or "-"
+
+
+def varying_keys(nuisances: list[str]) -> list[str]:
+    """The train settings whose values differ among an arm's nuisance options (always at least lr)."""
+    dicts = [json.loads(n) if n and n != "?" else {} for n in nuisances]
+    keys = sorted({k for d in dicts for k in d})
+    varying = [k for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1]
+    return varying or [k for k in ("lr",) if k in keys]
+
+
+def nuisance_scores(runs: pd.DataFrame, selection_metric: str = "accuracy") -> pd.DataFrame:
+    """One row per (arm, nuisance setting) of the successful runs: mean validation score over seeds, number of seeds,
+    and ``chosen`` — the best validation score of its arm (ties: more seeds, then the first setting). Test scores
+    play no part in the choice."""
+    ok = runs[runs["status"] == "success"]
+    col = f"val_{selection_metric}"
+    rows = []
+    for key, arm_runs in ok.groupby(ARM_KEY, sort=False, dropna=False):
+        options = list(dict.fromkeys(arm_runs["nuisance"]))
+        keys = varying_keys(options)
+        for nuisance in options:
+            group = arm_runs[arm_runs["nuisance"] == nuisance]
+            train = json.loads(nuisance) if nuisance != "?" else {}
+            rows.append({**dict(zip(ARM_KEY, key)), "nuisance": nuisance, "setting": nuisance_label(train, keys),
+                         "seeds": int(group["seed"].nunique()),
+                         "val_score": float(pd.to_numeric(group[col], errors="coerce").mean())})
+    scores = pd.DataFrame(rows, columns=ARM_KEY + ["nuisance", "setting", "seeds", "val_score"])
+    sign = 1.0 if higher_is_better(selection_metric) else -1.0
+    scores["_rank"] = (sign * scores["val_score"]).fillna(-np.inf)
+    order = scores.sort_values(["_rank", "seeds"], ascending=False, kind="stable")
+    best = order.drop_duplicates(ARM_KEY, keep="first").index
+    scores["chosen"] = scores.index.isin(best)
+    return scores.drop(columns="_rank")
+
+
+def select_nuisance(runs: pd.DataFrame, selection_metric: str = "accuracy") -> pd.DataFrame:
+    """The successful runs of each arm's chosen nuisance setting (see :func:`nuisance_scores`)."""
+    scores = nuisance_scores(runs, selection_metric)
+    chosen = scores.loc[scores["chosen"], ARM_KEY + ["nuisance", "setting"]]
+    ok = runs[runs["status"] == "success"]
+    return ok.merge(chosen, on=ARM_KEY + ["nuisance"], how="inner")
+
+
+def seed_ci(values, confidence: float = 0.95, n_resamples: int = 2000) -> tuple[float, float, str]:
+    """A confidence interval of the mean over seeds: ``(low, high, method)``.
+
+    3 or more seeds: percentile bootstrap over seeds (``scipy.stats.bootstrap``). 2 seeds: a bootstrap of two values
+    can only return their range, so a Student t interval (1 degree of freedom, very wide) is used instead. 1 seed:
+    no interval (NaN, "n/a")."""
+    x = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
+    if len(x) < 2:
+        return float("nan"), float("nan"), "n/a"
+    mean = float(x.mean())
+    if np.allclose(x, x[0]):
+        return mean, mean, "bootstrap" if len(x) >= MIN_SEEDS_FOR_BOOTSTRAP else "t"
+    if len(x) < MIN_SEEDS_FOR_BOOTSTRAP:
+        low, high = stats.t.interval(confidence, len(x) - 1, loc=mean, scale=stats.sem(x))
+        return float(low), float(high), "t"
+    res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                          method="percentile", random_state=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high), "bootstrap"
+
+
+def _sort_key(row: pd.Series) -> tuple:
+    r = row.get("r")
+    return (METHOD_ORDER.get(row["method"], 5), float(r) if pd.notna(r) else 0.0, str(row["arm"]))
+
+
+def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm (model × dataset × arm label) over the seeds of its chosen nuisance setting.
+
+    Metrics are fractions (test split): ``accuracy`` (the mean), ``accuracy_std`` (sample std over seeds, NaN for one
+    seed), ``accuracy_ci_low``/``accuracy_ci_high`` (95% CI of the mean, :func:`seed_ci`), and so on for every metric.
+    Parameter counts, training time, throughput, peak memory and adapter size are means over seeds (NaN = not
+    applicable, e.g. no adapter)."""
+    rows = []
+    for key, g in selected.groupby(ARM_KEY, sort=False, dropna=False):
+        first = g.iloc[0]
+        row: dict[str, Any] = {**dict(zip(ARM_KEY, key)), "method": first["method"], "r": first["r"],
+                               "lr": first["lr"], "lr_scheduler": first["lr_scheduler"], "setting": first["setting"],
+                               "seeds": int(g["seed"].nunique()),
+                               "seed_list": " ".join(str(int(s)) for s in sorted(g["seed"].dropna())),
+                               "run_ids": " ".join(g["run_id"])}
+        for col in PARAMS:
+            row[col] = pd.to_numeric(g[col], errors="coerce").mean()
+        for m in METRICS:
+            values = pd.to_numeric(g[f"test_{m}"], errors="coerce").dropna()
+            low, high, how = seed_ci(values)
+            row[m] = values.mean() if len(values) else np.nan
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low, high
+            if m == "accuracy":
+                row["ci_method"] = how
+        row["val_accuracy"] = pd.to_numeric(g["val_accuracy"], errors="coerce").mean()
+        row["val_f1_macro"] = pd.to_numeric(g["val_f1_macro"], errors="coerce").mean()
+        for col in COSTS:
+            values = pd.to_numeric(g[col], errors="coerce")
+            row[col] = values.mean()
+            if col == "train_time_s":
+                row["train_time_s_std"] = values.std(ddof=1) if values.notna().sum() > 1 else np.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not len(table):
+        return table
+    order = sorted(range(len(table)), key=lambda i: (str(table.loc[i, "model"]), str(table.loc[i, "dataset"]),
+                                                     _sort_key(table.loc[i])))
+    return table.loc[order].reset_index(drop=True)
+
+
+def find_reference(group: pd.DataFrame, reference: str) -> pd.Series | None:
+    """The reference arm of one (model, dataset) group: the arm labelled ``reference``, else the first arm whose
+    method is ``reference``; None if there is none."""
+    hit = group[group["arm"] == reference]
+    if not len(hit):
+        hit = group[group["method"] == reference]
+    return hit.iloc[0] if len(hit) else None
+
+
+def _saving(value: float, ref: float) -> float:
+    """100 · (1 − value / ref): how much smaller value is than ref, in percent (NaN if either is unknown)."""
+    if pd.isna(value) or pd.isna(ref) or ref == 0:
+        return float("nan")
+    return 100.0 * (1.0 - float(value) / float(ref))
+
+
+def efficiency(table: pd.DataFrame, reference: str = "full", metric: str = "accuracy") -> pd.DataFrame:
+    """Each arm against the reference arm of its (model, dataset) group: metric difference in points (arm −
+    reference), training-time saving %, trainable-parameter reduction % and peak-memory saving % (positive = the arm
+    uses less)."""
+    rows = []
+    for (model, dataset), group in table.groupby(["model", "dataset"], sort=False, dropna=False):
+        ref = find_reference(group, reference)
+        if ref is None:
+            continue
+        for _, row in group[group["arm"] != ref["arm"]].iterrows():
+            rows.append({"model": model, "dataset": dataset, "arm": row["arm"], "reference": ref["arm"],
+                         f"{metric}_diff_points": 100.0 * (row[metric] - ref[metric]),
+                         "time_saving_pct": _saving(row["train_time_s"], ref["train_time_s"]),
+                         "param_reduction_pct": _saving(row["params_trainable"], ref["params_trainable"]),
+                         "memory_saving_pct": _saving(row["peak_memory_mb"], ref["peak_memory_mb"])})
+    cols = ["model", "dataset", "arm", "reference", f"{metric}_diff_points", "time_saving_pct",
+            "param_reduction_pct", "memory_saving_pct"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def runs_summary(runs: pd.DataFrame, selected_ids: set[str] | None = None) -> pd.DataFrame:
+    """Every run as one row, in the columns of the Banking77 repo's ``results_summary.csv`` (run, mode, rank, lr,
+    scheduler, trainable params, total params, share %, train time, val macro-F1, test macro-F1), then seed, status,
+    study, model, dataset, test accuracy, whether the report's tables use the run, and its error."""
+    selected_ids = selected_ids or set()
+    out = pd.DataFrame({
+        "run": runs["run_id"], "mode": runs["arm"], "rank": runs["r"], "lr": runs["lr"],
+        "scheduler": runs["lr_scheduler"], "trainable_params": runs["params_trainable"],
+        "total_params": runs["params_total"], "share_pct": runs["params_trainable_pct"],
+        "train_time_s": runs["train_time_s"], "val_macro_f1": runs["val_f1_macro"],
+        "test_macro_f1": runs["test_f1_macro"], "seed": runs["seed"], "status": runs["status"],
+        "study": runs["study"], "model": runs["model"], "dataset": runs["dataset"], "method": runs["method"],
+        "test_accuracy": runs["test_accuracy"], "in_tables": runs["run_id"].isin(selected_ids),
+        "error": runs["error"]})
+    return out.sort_values(["model", "dataset", "mode", "lr", "seed"], kind="stable").reset_index(drop=True)
+
+
+def best_arm(table: pd.DataFrame, metric: str = "accuracy") -> pd.Series | None:
+    """The arm with the best mean test ``metric`` (ties: fewer trainable parameters); None for an empty table."""
+    if not len(table) or table[metric].isna().all():
+        return None
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    ranked = table.assign(_score=sign * table[metric], _params=table["params_trainable"].fillna(np.inf))
+    ranked = ranked.sort_values(["_score", "_params"], ascending=[False, True], kind="stable")
+    return table.loc[ranked.index[0]]
