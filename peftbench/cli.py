@@ -6,6 +6,8 @@
     peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
     peftbench evaluate RUN_DIR [--dataset SOURCE] [--split test]
     peftbench report [STORE or STUDY.toml]
+    peftbench export RUN_DIR OUT [--merge]                             # a model transformers / peft loads
+    peftbench predict RUN_DIR --input texts.csv --output preds.csv     # classify new texts
 
 Exit codes: 0 success, 1 some runs failed, 2 bad input (nothing stored is touched).
 """
@@ -86,9 +88,21 @@ def _run(study, args) -> int:
     from peftbench.runner import check_study_inputs, run_study
 
     check_study_inputs(study)
-    summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed)
-    print(f"\n{len(summary.run_ids)} runs ({summary.done} trained now, {summary.skipped} already done) "
-          f"in {summary.store.resolve()}")
+    if getattr(args, "executor", "local") == "ray":
+        try:
+            import ray  # noqa: F401
+
+            from peftbench.executors import run_ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'peftbench[ray]'") from None
+        summary = run_ray(study, args.store, device=args.device, retry_failed=not args.no_retry_failed,
+                          address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                          max_retries=args.max_retries)
+    else:
+        summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed)
+    print(f"\n{len(summary.run_ids)} runs ({summary.done} trained now, {summary.skipped} already done"
+          + (f", {len(summary.claimed)} left to another runner" if summary.claimed else "")
+          + f") in {summary.store.resolve()}")
     _summarise(summary.store, summary.run_ids)
     if getattr(args, "report", True) and summary.run_ids:
         from peftbench.report import write_report
@@ -189,6 +203,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from peftbench.export import export_run
+
+    out = export_run(args.run, args.out, merge=args.merge)
+    print(f"exported: {Path(out).resolve()} (see its README.md)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from peftbench.export import predict_file
+
+    preds = predict_file(args.run, args.input, args.output, text_column=args.text_column,
+                         batch_size=args.batch_size, device=args.device)
+    print(f"{len(preds)} predictions: {Path(args.output).resolve()}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -212,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", nargs="?", default=None, help="study file (.toml or .yaml)")
     common(p)
     running(p)
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one run after another in this process; ray: each run as a Ray task (docs/scale-out.md)")
+    p.add_argument("--address", default=None,
+                   help="ray: cluster to join, 'auto' or 'ray://HOST:10001' (default: RAY_ADDRESS, or a local Ray)")
+    p.add_argument("--cpus-per-run", type=float, default=1,
+                   help="ray: CPUs each run reserves; also its torch thread count (default: 1)")
+    p.add_argument("--gpus-per-run", type=float, default=0,
+                   help="ray: GPUs each run reserves, 0.5 shares a GPU between two runs (default: 0, CPU)")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="ray: times a run is retried when its worker dies, before it is stored as failed "
+                        "(default: 2)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a study and list its runs without training")
@@ -250,6 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: STORE/report)")
     common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a run's model for transformers (merged) or peft (adapter + head)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("out", help="folder to create (must not exist or be empty)")
+    p.add_argument("--merge", action="store_true", help="merge adapter weights into the model (plain transformers "
+                   "loads it); without it a peft run is exported as its adapter, head included")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="classify the texts of a file with a run (or exported) folder")
+    p.add_argument("run", help="run folder, or a folder written by 'peftbench export'")
+    p.add_argument("--input", required=True, help="CSV, TSV, JSONL or Parquet file with a text column")
+    p.add_argument("--output", required=True, help="predictions file (.csv, .tsv, .jsonl or .parquet): id, text, "
+                   "pred_label, prob_<label> per label")
+    p.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass (default: the run's "
+                   "eval_batch_size)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -98,6 +98,10 @@ REPORT_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "margin": (float, 1.0, "non-inferiority margin in points of the headline metric"),
 }
 
+_METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
+            "recall_macro", "roc_auc")
+REPORT_CHOICES = {"metric": _METRICS, "selection_metric": _METRICS + ("loss",)}
+
 STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report"}
 ARM_FIXED_FIELDS = {"method", "name"}
 
@@ -385,6 +389,9 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     _check_table(f"{where}: report", raw_report, REPORT_FIELDS)
     report = {k: check_value(f"{where}: report.{k}", kind, raw_report.get(k, default))
               for k, (kind, default, _) in REPORT_FIELDS.items()}
+    for key, choices in REPORT_CHOICES.items():
+        if report[key] not in choices:
+            raise ConfigError(f"{where}: report.{key}: expected one of {', '.join(choices)}, got {report[key]!r}")
 
     raw_arms = raw.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:

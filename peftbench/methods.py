@@ -5,6 +5,12 @@
   trains. Its encoder output can be computed once and reused every epoch (``train.cache_frozen_features``).
 - ``lora``: peft LoRA adapters on ``target_modules`` (peft's own parameter names), the whole head trains too
   (``modules_to_save``: classifier *and* pooler / pre_classifier where the architecture has them).
+- ``loraplus``: LoRA trained with LoRA+ (peft's ``create_loraplus_optimizer``: B matrices at ``loraplus_lr_ratio``
+  times the learning rate of A).
+- ``adalora``: AdaLoRA (peft ``AdaLoraConfig``): SVD-shaped adapters whose ranks are reallocated during training by
+  ``update_and_allocate``, called after every optimizer step; its orthogonal regulariser is added by the optimizer.
+- ``ia3``: (IA)³ (peft ``IA3Config``): learned vectors rescaling keys, values and the feed-forward input.
+- ``vera``: VeRA (peft ``VeraConfig``): frozen shared random projections, trainable scaling vectors per layer.
 - ``untrained``: nothing trains; the randomly initialised head is evaluated (the pre-fine-tuning baseline).
 - ``tfidf`` and ``llm``: baselines that are not fine-tuned encoders (see ``peftbench.baselines``); they share the
   splits, metrics and store of every other run.
@@ -13,7 +19,7 @@ Example::
 
     >>> from peftbench import methods
     >>> sorted(methods.METHODS)
-    ['frozen', 'full', 'llm', 'lora', 'tfidf', 'untrained']
+    ['adalora', 'frozen', 'full', 'ia3', 'llm', 'lora', 'loraplus', 'tfidf', 'untrained', 'vera']
 """
 
 from __future__ import annotations
@@ -43,6 +49,26 @@ DEFAULT_TARGETS = {
     "mpnet": ["q", "v"],
     "modernbert": ["Wqkv"],
 }
+
+# (IA)³ defaults per architecture: (target_modules, feedforward_modules), peft's own defaults where peft has them.
+# Names are suffixes of module paths (peft's matching rule), so "output.dense" is BERT's feed-forward output layer
+# (and, as in peft's default, also the attention output projection "attention.output.dense").
+DEFAULT_IA3_TARGETS = {
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "xlm-roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "electra": (["key", "value", "output.dense"], ["output.dense"]),
+    "camembert": (["key", "value", "output.dense"], ["output.dense"]),
+    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    "deberta": (["in_proj", "output.dense"], ["output.dense"]),
+    "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
+    "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
+    "modernbert": (["Wqkv", "mlp.Wo"], ["mlp.Wo"]),
+}
+
+# Methods that go through peft: weights are saved with ``save_pretrained`` (``adapter/``, head included).
+PEFT_METHODS = ("lora", "loraplus", "adalora", "ia3", "vera")
 
 # Training settings that do not matter for a method that does not train (kept out of its run id).
 EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size", "max_length", "max_tokens_per_batch", "bf16", "pooling")
@@ -81,6 +107,16 @@ class Method:
             raise ConfigError(f"{where}.bias: expected one of none, all, lora_only, got {value!r}")
         if key == "init_lora_weights" and value not in ("true", "gaussian", "pissa", "olora"):
             raise ConfigError(f"{where}.init_lora_weights: expected one of true, gaussian, pissa, olora, got {value!r}")
+        if key in ("init_r", "target_r", "deltaT") and value < 1:
+            raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value}")
+        if key in ("tinit", "tfinal") and value < 0:
+            raise ConfigError(f"{where}.{key}: expected an integer >= 0, got {value}")
+        if key in ("beta1", "beta2", "vera_dropout") and not 0 <= value < 1:
+            raise ConfigError(f"{where}.{key}: expected a number in [0, 1), got {value}")
+        if key in ("orth_reg_weight",) and value < 0:
+            raise ConfigError(f"{where}.{key}: expected a number >= 0, got {value}")
+        if key == "loraplus_lr_ratio" and value <= 0:
+            raise ConfigError(f"{where}.loraplus_lr_ratio: expected a positive ratio (LoRA+ uses >= 1), got {value}")
         return value
 
     def resolve_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -88,12 +124,18 @@ class Method:
 
     def finalize(self, params: dict[str, Any]) -> dict[str, Any]:
         """Resolve relative values once the grid is expanded (``lora_alpha = '2r'`` → 2·r)."""
+        from peftbench.config import ConfigError
+
         params = dict(params)
         alpha = params.get("lora_alpha")
         if isinstance(alpha, str):
             factor = alpha[:-1]
-            value = float(factor) * params["r"] if factor else float(params["r"])
+            r = params["r"] if "r" in params else params["init_r"]  # AdaLoRA: a multiple of its initial rank
+            value = float(factor) * r if factor else float(r)
             params["lora_alpha"] = int(value) if value == int(value) else value
+        if "target_r" in params and params["target_r"] >= params["init_r"]:
+            raise ConfigError(f"{self.name}: target_r ({params['target_r']}) must be below init_r "
+                              f"({params['init_r']}): AdaLoRA prunes from init_r down to target_r")
         return params
 
     def label(self, name: str | None, params: dict[str, Any], grid_keys: list[str]) -> str:
@@ -124,13 +166,13 @@ def _head_parameters(model: nn.Module):
             yield from module.parameters()
 
 
-def _prepare_full(backbone, params) -> nn.Module:
+def _prepare_full(backbone, params, **_) -> nn.Module:
     for p in backbone.model.parameters():
         p.requires_grad_(True)
     return backbone.model
 
 
-def _prepare_frozen(backbone, params) -> nn.Module:
+def _prepare_frozen(backbone, params, **_) -> nn.Module:
     model = backbone.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -139,7 +181,7 @@ def _prepare_frozen(backbone, params) -> nn.Module:
     return model
 
 
-def _prepare_untrained(backbone, params) -> nn.Module:
+def _prepare_untrained(backbone, params, **_) -> nn.Module:
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     return backbone.model
@@ -177,10 +219,79 @@ def lora_config(backbone, params):
     )
 
 
-def _prepare_lora(backbone, params) -> nn.Module:
+def _prepare_lora(backbone, params, **_) -> nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(backbone.model, lora_config(backbone, params))
+
+
+def _prepare_adalora(backbone, params, total_steps: int | None = None, **_) -> nn.Module:
+    from peft import AdaLoraConfig, get_peft_model
+
+    from peftbench.models import head_module_names
+
+    if not total_steps:
+        raise ValueError("adalora: the number of training steps is needed for its rank budget schedule")
+    config = AdaLoraConfig(
+        init_r=params["init_r"], target_r=params["target_r"], lora_alpha=params["lora_alpha"],
+        lora_dropout=params["lora_dropout"], target_modules=resolve_targets(backbone, params["target_modules"]),
+        tinit=params["tinit"], tfinal=params["tfinal"], deltaT=params["deltaT"], beta1=params["beta1"],
+        beta2=params["beta2"], orth_reg_weight=params["orth_reg_weight"], total_step=total_steps,
+        modules_to_save=head_module_names(backbone.model),
+    )
+    return get_peft_model(backbone.model, config)
+
+
+def resolve_ia3_targets(backbone, params) -> tuple[list[str], list[str]]:
+    """(IA)³ ``target_modules`` and ``feedforward_modules``: ``auto`` → the architecture's default; names are
+    suffixes of linear-layer paths (``output.dense``); the feed-forward ones must be among the targets."""
+    from peftbench.models import HEAD_MODULES
+
+    linear = [n for n, m in backbone.model.named_modules() if isinstance(m, nn.Linear)
+              and not any(part in HEAD_MODULES for part in n.split("."))]
+
+    def matches(t: str) -> bool:
+        return any(n == t or n.endswith("." + t) for n in linear)
+
+    targets, feedforward = params["target_modules"], params["feedforward_modules"]
+    default = DEFAULT_IA3_TARGETS.get(backbone.model_type)
+    if targets in ("auto", ["auto"]):
+        if default is None:
+            raise ValueError(f"target_modules: no (IA)³ default for model type {backbone.model_type!r}; set it to "
+                             f"suffixes of: {', '.join(sorted({n.split('.')[-1] for n in linear}))}")
+        targets = default[0]
+    missing = [t for t in targets if not matches(t)]
+    if missing:
+        raise ValueError(f"target_modules: {', '.join(missing)} matches no linear layer of {backbone.model_type}; "
+                         f"valid names end like: {', '.join(sorted({n.split('.')[-1] for n in linear}))}")
+    if feedforward in ("auto", ["auto"]):
+        feedforward = [f for f in (default[1] if default else []) if f in targets]
+    stray = [f for f in feedforward if f not in targets]
+    if stray:
+        raise ValueError(f"feedforward_modules: {', '.join(stray)} is not among target_modules")
+    return list(targets), list(feedforward)
+
+
+def _prepare_ia3(backbone, params, **_) -> nn.Module:
+    from peft import IA3Config, get_peft_model
+
+    from peftbench.models import head_module_names
+
+    targets, feedforward = resolve_ia3_targets(backbone, params)
+    config = IA3Config(target_modules=targets, feedforward_modules=feedforward,
+                       modules_to_save=head_module_names(backbone.model))
+    return get_peft_model(backbone.model, config)
+
+
+def _prepare_vera(backbone, params, **_) -> nn.Module:
+    from peft import VeraConfig, get_peft_model
+
+    from peftbench.models import head_module_names
+
+    config = VeraConfig(r=params["r"], target_modules=resolve_targets(backbone, params["target_modules"]),
+                        projection_prng_key=params["projection_prng_key"], vera_dropout=params["vera_dropout"],
+                        d_initial=params["d_initial"], modules_to_save=head_module_names(backbone.model))
+    return get_peft_model(backbone.model, config)
 
 
 LORA_PARAMS = {
@@ -194,11 +305,53 @@ LORA_PARAMS = {
     "init_lora_weights": (str, "true", "initialisation: true (peft default), gaussian, pissa or olora"),
 }
 
+LORAPLUS_PARAMS = {
+    **LORA_PARAMS,
+    "loraplus_lr_ratio": (float, 16.0, "LoRA+: learning rate of the B matrices / that of A (peft `loraplus_lr_ratio`)"),
+}
+
+ADALORA_PARAMS = {
+    "init_r": (int, 12, "AdaLoRA: initial rank of every adapted matrix (peft `init_r`)"),
+    "target_r": (int, 8, "AdaLoRA: average rank per matrix left after the budget schedule (peft `target_r`)"),
+    "lora_alpha": ("int|str", "2r", "scaling numerator: an integer or a multiple of init_r such as '2r'"),
+    "lora_dropout": (float, 0.1, "dropout on the adapter branch input"),
+    "target_modules": ("list[str]", "auto", "nn.Linear leaf names to adapt; auto = the architecture's query/value"),
+    "tinit": (int, 0, "AdaLoRA: steps of initial warmup before ranks are pruned (peft `tinit`)"),
+    "tfinal": (int, 0, "AdaLoRA: final steps with the rank allocation fixed (peft `tfinal`)"),
+    "deltaT": (int, 1, "AdaLoRA: steps between two rank reallocations (peft `deltaT`)"),
+    "beta1": (float, 0.85, "AdaLoRA: EMA factor of the sensitivity (peft `beta1`)"),
+    "beta2": (float, 0.85, "AdaLoRA: EMA factor of the uncertainty (peft `beta2`)"),
+    "orth_reg_weight": (float, 0.5, "AdaLoRA: weight of the orthogonal regulariser of A and B (peft `orth_reg_weight`)"),
+}
+
+IA3_PARAMS = {
+    "target_modules": ("list[str]", "auto", "(IA)³: suffixes of the linear layers to rescale; auto = keys, values and "
+                       "the feed-forward output layer"),
+    "feedforward_modules": ("list[str]", "auto", "(IA)³: targets whose input (not output) is rescaled; auto = the "
+                            "architecture's feed-forward layers among target_modules"),
+}
+
+VERA_PARAMS = {
+    "r": (int, 256, "VeRA: rank of the shared frozen random projections (peft `r`)"),
+    "target_modules": ("list[str]", "auto", "nn.Linear leaf names to adapt; auto = the architecture's query/value"),
+    "projection_prng_key": (int, 0, "VeRA: seed of the shared random projections (peft `projection_prng_key`)"),
+    "vera_dropout": (float, 0.0, "VeRA: dropout on the adapter branch input (peft `vera_dropout`)"),
+    "d_initial": (float, 0.1, "VeRA: initial value of the d scaling vector (peft `d_initial`)"),
+}
+
 METHODS: dict[str, Method] = {
     "full": Method("full", "full fine-tuning: every parameter trains", prepare=_prepare_full),
     "frozen": Method("frozen", "frozen encoder, only the classification head trains", prepare=_prepare_frozen),
     "lora": Method("lora", "LoRA adapters through peft, plus the whole head", params=LORA_PARAMS,
                    label_keys=("r",), prepare=_prepare_lora),
+    "loraplus": Method("loraplus", "LoRA with LoRA+ learning rates (B at loraplus_lr_ratio x lr), plus the head",
+                       params=LORAPLUS_PARAMS, label_keys=("r",), prepare=_prepare_lora),
+    "adalora": Method("adalora", "AdaLoRA: adaptive per-matrix ranks through peft, plus the whole head",
+                      params=ADALORA_PARAMS, label_keys=("target_r",), prepare=_prepare_adalora),
+    "ia3": Method("ia3", "(IA)³: learned rescaling vectors through peft, plus the whole head", params=IA3_PARAMS,
+                  prepare=_prepare_ia3),
+    "vera": Method("vera", "VeRA: shared random projections with trained scaling vectors, plus the whole head",
+                   params=VERA_PARAMS, label_keys=("r",), prepare=_prepare_vera),
     "untrained": Method("untrained", "no training: the freshly initialised head (pre-fine-tuning baseline)",
                         trains=False, prepare=_prepare_untrained),
     "tfidf": Method("tfidf", "TF-IDF + logistic regression (scikit-learn)", params=baselines.TFIDF_PARAMS,
@@ -208,9 +361,16 @@ METHODS: dict[str, Method] = {
 }
 
 
-def prepare(method: str, backbone, params: dict[str, Any]) -> nn.Module:
-    """Return the model to train for ``method`` with exactly the right parameters requiring grad."""
-    return METHODS[method].prepare(backbone, params)
+def prepare(method: str, backbone, params: dict[str, Any], total_steps: int | None = None) -> nn.Module:
+    """Return the model to train for ``method`` with exactly the right parameters requiring grad.
+
+    ``total_steps`` (optimizer steps of the whole training) is needed by ``adalora``'s rank budget schedule."""
+    return METHODS[method].prepare(backbone, params, total_steps=total_steps)
+
+
+def is_peft(method: str) -> bool:
+    """Methods built with peft: saved as ``adapter/`` with ``save_pretrained``, mergeable into the base weights."""
+    return method in PEFT_METHODS
 
 
 def is_baseline(method: str) -> bool:
@@ -221,6 +381,91 @@ def is_baseline(method: str) -> bool:
 def uses_frozen_encoder(method: str) -> bool:
     """Methods whose encoder never changes: it runs in eval mode and its outputs may be cached."""
     return method in ("frozen", "untrained")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Method-specific training: an optimizer of its own (LoRA+, AdaLoRA) and a hook after each step (AdaLoRA)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def adalora_orth_reg(model: nn.Module) -> torch.Tensor:
+    """AdaLoRA's orthogonal regulariser, as peft computes it inside its forward when labels are passed: the mean over
+    adapted matrices of ||A·Aᵀ − I||_F (A: r × d_in) and ||Bᵀ·B − I||_F (B: d_out × r)."""
+    terms = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=p.device, dtype=p.dtype)))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+class OrthRegAdamW(torch.optim.AdamW):
+    """AdamW that first adds the gradient of ``weight`` × AdaLoRA's orthogonal regulariser to the gradients.
+
+    peft adds the regulariser to ``outputs.loss`` only when labels go through the model; peftbench's loop computes
+    the same cross-entropy for every method from the logits, so the regulariser's gradient is added here instead:
+    the update is that of loss + weight · R, except that gradient clipping sees the task gradient only.
+    """
+
+    def __init__(self, params, *, model: nn.Module, orth_reg_weight: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.model, self.orth_reg_weight = model, orth_reg_weight
+
+    def step(self, closure=None):
+        if self.orth_reg_weight > 0:
+            with torch.enable_grad():
+                (self.orth_reg_weight * adalora_orth_reg(self.model)).backward()
+        return super().step(closure)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The training loop's AdamW groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(method: str, model: nn.Module, params: dict[str, Any], train: dict[str, Any],
+                   device: torch.device) -> torch.optim.Optimizer | None:
+    """The method's own optimizer, or None for the training loop's AdamW.
+
+    - ``loraplus``: peft's ``create_loraplus_optimizer`` (AdamW; B matrices, and as in peft every 1-D parameter such
+      as biases, at ``loraplus_lr_ratio`` × lr; weight decay as ``train.weight_decay``).
+    - ``adalora``: AdamW with the orthogonal regulariser's gradient added (``OrthRegAdamW``).
+    """
+    fused = device.type == "cuda"
+    if method == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train["lr"],
+                                         loraplus_lr_ratio=params["loraplus_lr_ratio"],
+                                         loraplus_weight_decay=train["weight_decay"], fused=fused)
+    if method == "adalora":
+        return OrthRegAdamW(_param_groups(model, train["weight_decay"]), model=model,
+                            orth_reg_weight=params["orth_reg_weight"], lr=train["lr"], fused=fused)
+    return None
+
+
+def step_hook(method: str, model: nn.Module, params: dict[str, Any]) -> Callable[[int], None] | None:
+    """Called after each optimizer step (before the gradients are cleared): AdaLoRA's rank reallocation."""
+    if method == "adalora":
+        return model.base_model.update_and_allocate
+    return None
+
+
+def spectrum_targets(method: str, backbone, params: dict[str, Any]) -> list[str] | None:
+    """Module names (suffixes) whose learned update ``peftbench.spectrum`` analyses: the adapted matrices, or for
+    ``full`` the architecture's default LoRA targets (query/value), so both are compared on the same matrices.
+    None for methods that leave the encoder unchanged."""
+    if method == "full":
+        return DEFAULT_TARGETS.get(backbone.model_type)
+    if method == "ia3":
+        return resolve_ia3_targets(backbone, params)[0]
+    if is_peft(method):
+        return resolve_targets(backbone, params["target_modules"])
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,9 +504,15 @@ def count_parameters(model: nn.Module, base_params: int) -> dict[str, Any]:
 
 
 def save_weights(method: str, model: nn.Module, out_dir: Path) -> int:
-    """Save what training changed; return its size in bytes. LoRA → ``adapter/`` (peft format, head included);
-    other methods → ``model.safetensors`` with the trainable parameters (the head for frozen/untrained)."""
-    if method == "lora":
+    """Save what training changed; return its size in bytes. peft methods → ``adapter/`` (peft format, head
+    included); other methods → ``model.safetensors`` with the trainable parameters (the head for frozen/untrained).
+
+    AdaLoRA: the rank pattern of the last allocation is applied to the model first (peft saves only the kept ranks,
+    and the best epoch restored by the loop may predate the last pruning), so what is evaluated is what is saved."""
+    if method == "adalora" and model.peft_config["default"].rank_pattern:
+        base = model.base_model
+        base.rankallocator.mask_using_rank_pattern(base.model, model.peft_config["default"].rank_pattern)
+    if is_peft(method):
         model.save_pretrained(out_dir / "adapter")
         files = list((out_dir / "adapter").glob("*"))
     else:
@@ -274,7 +525,7 @@ def save_weights(method: str, model: nn.Module, out_dir: Path) -> int:
 
 def load_weights(method: str, backbone, run_dir: Path) -> nn.Module:
     """Rebuild a trained model from a run folder on top of a freshly loaded ``backbone``."""
-    if method == "lora":
+    if is_peft(method):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(backbone.model, run_dir / "adapter")
@@ -287,7 +538,16 @@ def load_weights(method: str, backbone, run_dir: Path) -> nn.Module:
 
 
 def merge_for_inference(method: str, model: nn.Module) -> nn.Module:
-    """LoRA weights merged into the base layers: prediction then costs what the plain model costs."""
-    if method == "lora" and hasattr(model, "merge_and_unload"):
+    """Adapter weights merged into the base layers: prediction then costs what the plain model costs.
+
+    The trained head copies (peft's ``modules_to_save`` wrappers) are put in place first: peft 0.21's VeRA and (IA)³
+    unloading assume every wrapped module has a ``weight``, which BERT's pooler has not."""
+    if is_peft(method) and hasattr(model, "merge_and_unload"):
+        from peft.utils import ModulesToSaveWrapper
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, module.modules_to_save[module.active_adapters[0]])
         return model.merge_and_unload()
     return model

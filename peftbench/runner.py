@@ -218,7 +218,12 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
 
     seed_everything(run.seed)
     backbone = build_classifier(run.model, len(splits.labels), cfg["pooling"], splits.labels)
-    model = methods.prepare(run.method, backbone, run.method_params)
+    pretrained = _snapshot_for_spectrum(run, backbone)
+    total_steps = None
+    if methods.METHODS[run.method].trains:  # AdaLoRA's budget schedule needs it before training
+        total_steps = cfg["epochs"] * len(make_batches([len(x) for x in ids["train"]], cfg["batch_size"], True, 0,
+                                                       cfg.get("max_tokens_per_batch")))
+    model = methods.prepare(run.method, backbone, run.method_params, total_steps=total_steps)
     params = methods.count_parameters(model, backbone.base_params)
     model.to(device)
     p = Prepared(model=model, splits=splits, ids=ids, labels=labels, device=device,
@@ -255,12 +260,15 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-        history, best_epoch, train_time = train(model, p.forward, train_batches, lambda: evaluate("validation")[0],
-                                                settings, device, set_train_mode, on_epoch)
+        history, best_epoch, train_time = train(
+            model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, device, set_train_mode,
+            on_epoch, optimizer=methods.make_optimizer(run.method, model, run.method_params, cfg, device),
+            after_step=methods.step_hook(run.method, model, run.method_params))
         bar.close()
     else:
         (out / "metrics.jsonl").touch()
     adapter_size = methods.save_weights(run.method, model, out)
+    _write_spectrum(out, model, pretrained)
 
     start = time.perf_counter()
     val_metrics, _ = evaluate("validation")
@@ -282,6 +290,30 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
                   "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features)},
         "pooling": backbone.pooling,
     }
+
+
+def _snapshot_for_spectrum(run: RunConfig, backbone) -> dict[str, Any] | None:
+    """CPU copies of the pretrained target matrices (only those), for ``spectrum.json``; never fails the run."""
+    from peftbench import spectrum
+
+    try:
+        targets = methods.spectrum_targets(run.method, backbone, run.method_params)
+        return {"targets": targets, "weights": spectrum.snapshot(backbone.model, targets)} if targets else None
+    except Exception:  # a bad target list fails in methods.prepare, with its message
+        return None
+
+
+def _write_spectrum(out: Path, model: torch.nn.Module, pretrained: dict | None) -> None:
+    """``spectrum.json``: singular values of each target matrix's learned update. An analysis, not a result: a
+    failure here is reported and the run goes on."""
+    if not pretrained:
+        return
+    from peftbench import spectrum
+
+    try:
+        spectrum.write_spectrum(out, spectrum.layer_spectra(model, pretrained["weights"], pretrained["targets"]))
+    except Exception as e:  # noqa: BLE001
+        tqdm.write(f"spectrum analysis skipped: {type(e).__name__}: {e}")
 
 
 def word_counts(texts: pd.Series) -> np.ndarray:
@@ -321,14 +353,18 @@ class StudySummary:
     done: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)  # left to another runner that held them when their turn came
 
 
 def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
               retry_failed: bool = True) -> StudySummary:
     """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
 
-    A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False.
+    A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False. A run whose
+    claim another live runner holds (another ``peftbench run`` on the same store) is left to it.
     """
+    from peftbench.executors import execute_claimed, new_owner
+
     store_obj = Store(store or study.store)
     store_obj.root.mkdir(parents=True, exist_ok=True)
     store_obj.clean_stale()
@@ -344,10 +380,22 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
         else:
             todo.append(run)
     dev = pick_device(device)
+    owner = new_owner("local")
+    seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
     bar = tqdm(total=len(todo), desc=f"study {study.name}", position=0, unit="run")
     for run in todo:
         bar.set_postfix_str(run.arm)
-        result = execute_run(run, store_obj, dev)
+        result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id])
+        bar.update(1)
+        if result is None:  # another runner holds it, or finished it since we looked
+            if store_obj.status(run.run_id) is None:
+                summary.claimed.append(run.run_id)
+                tqdm.write(f"skip   {run.label}: held by another runner")
+            else:
+                summary.skipped += 1
+                if store_obj.status(run.run_id) == "failed":
+                    summary.failed.append(run.run_id)
+            continue
         summary.done += 1
         costs = result.get("costs") or {}
         if result["status"] == "failed":
@@ -358,7 +406,6 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
             speed = costs.get("train_examples_per_s")
             tqdm.write(f"done   {run.label}: test acc {acc:.4f}, "
                        f"{costs['train_time_s']:.1f}s train" + (f", {speed:.0f} ex/s" if speed else ""))
-        bar.update(1)
     bar.close()
     return summary
 

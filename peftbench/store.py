@@ -1,7 +1,12 @@
 """The run store: one folder per run, named by the run id, written atomically; results as a DataFrame.
 
-A run is built in ``STORE/.tmp/<run_id>-<pid>/`` and renamed to ``STORE/<run_id>/`` when it is complete, so a crash
-(Ctrl-C, kill -9) never leaves a half-written run behind and a finished run is never redone.
+A run is built in ``STORE/.tmp/<run_id>-<pid>@<host>/`` and renamed to ``STORE/<run_id>/`` when it is complete, so a
+crash (Ctrl-C, kill -9) never leaves a half-written run behind and a finished run is never redone.
+
+Several runners (local or Ray workers, on one machine or on several sharing the store folder) may work on one store:
+a runner first takes the run's claim file ``STORE/.claims/<run_id>`` (created with ``O_CREAT|O_EXCL``, so exactly one
+runner gets it), touches it while it runs, and removes it when done. A claim whose owner died is stale and taken over:
+on the same host as soon as its pid is gone, from any host once it has not been touched for ``CLAIM_TIMEOUT_S``.
 
 Example::
 
@@ -15,12 +20,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
 RESULT = "result.json"
+CLAIMS = ".claims"
+HEARTBEAT_S = 30.0  # how often a running run touches its claim
+CLAIM_TIMEOUT_S = 300.0  # a claim untouched for this long is stale, whatever host holds it
+HOST = socket.gethostname()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,8 +80,8 @@ class Store:
         return result.get("status") if result else None
 
     def begin(self, run_id: str) -> Path:
-        """A fresh private folder to build the run in."""
-        tmp = self.root / ".tmp" / f"{run_id}-{os.getpid()}"
+        """A fresh private folder to build the run in (named by pid and host: the store may be shared by hosts)."""
+        tmp = self.root / ".tmp" / f"{run_id}-{os.getpid()}@{HOST}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -83,7 +95,7 @@ class Store:
             if self.status(run_id) == "success":
                 shutil.rmtree(tmp)
                 return final
-            trash = self.root / ".tmp" / f"{run_id}-replaced-{os.getpid()}"
+            trash = self.root / ".tmp" / f"{run_id}-replaced-{os.getpid()}@{HOST}"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -92,14 +104,122 @@ class Store:
         return final
 
     def clean_stale(self) -> None:
-        """Remove half-built folders left by processes that no longer exist."""
+        """Remove half-built folders left by processes that no longer exist. A folder of another host (shared store)
+        cannot be checked by pid: it goes once its run has no live claim and it is older than ``CLAIM_TIMEOUT_S``."""
         tmp_root = self.root / ".tmp"
         if not tmp_root.is_dir():
             return
         for d in tmp_root.iterdir():
-            pid = d.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            base, _, host = d.name.partition("@")
+            pid = base.rsplit("-", 1)[-1]
+            if host in ("", HOST):
+                stale = pid.isdigit() and not _alive(int(pid))
+            else:
+                stale = not self.claimed(base[:16]) and _age(d) > CLAIM_TIMEOUT_S
+            if stale:
                 shutil.rmtree(d, ignore_errors=True)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Claims: at most one runner works on a run at a time, whichever executor or host it runs on
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def claim_path(self, run_id: str) -> Path:
+        return self.root / CLAIMS / run_id
+
+    def claim(self, run_id: str, owner: str, timeout_s: float = CLAIM_TIMEOUT_S) -> bool:
+        """Take the run's claim for ``owner``. True when it is ours now: it was free, stale (taken over), or already
+        held by ``owner`` (a retry of the same task after its worker died). False when another live owner holds it.
+
+        ``O_CREAT|O_EXCL`` makes the creation atomic, also on NFS (v3 and later)."""
+        path = self.claim_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"owner": owner, "pid": os.getpid(), "host": HOST,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held = self.claim_info(run_id)
+                if held is not None and held.get("owner") == owner:
+                    write_json(path, info)  # ours already: the same task again, in a new process
+                    return True
+                if not self._break_stale_claim(run_id, timeout_s):
+                    return False
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info))
+            return True
+        return False
+
+    def _break_stale_claim(self, run_id: str, timeout_s: float) -> bool:
+        """Remove the claim if it is stale; True when the claim is gone. Breakers take a second ``O_EXCL`` lock and
+        check again under it, so two runners that both saw the same stale claim cannot both remove a fresh one."""
+        path = self.claim_path(run_id)
+        lock = path.with_name(path.name + ".break")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _age(lock) > 60:  # a breaker died between its two lines below
+                lock.unlink(missing_ok=True)
+            return False
+        try:
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                return True
+            if not _claim_is_stale(self.claim_info(run_id), mtime, timeout_s):
+                return False
+            path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+
+    def claim_info(self, run_id: str) -> dict[str, Any] | None:
+        """``{"owner", "pid", "host", "time"}`` of the run's claim, or None (no claim, or one still being written)."""
+        try:
+            return json.loads(self.claim_path(run_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def claims(self) -> dict[str, dict[str, Any]]:
+        """Every readable claim of the store (the runs being run now, or left by a crash), by run id."""
+        folder = self.root / CLAIMS
+        names = [p.name for p in folder.iterdir() if "." not in p.name] if folder.is_dir() else []
+        return {name: info for name in names if (info := self.claim_info(name)) is not None}
+
+    def claimed(self, run_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> bool:
+        """Whether a live owner holds the run's claim."""
+        path = self.claim_path(run_id)
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return not _claim_is_stale(self.claim_info(run_id), mtime, timeout_s)
+
+    def heartbeat(self, run_id: str, owner: str) -> None:
+        """Touch the run's claim if ``owner`` still holds it (a claim not touched for ``CLAIM_TIMEOUT_S`` is stale)."""
+        info = self.claim_info(run_id)
+        if info is not None and info.get("owner") == owner:
+            try:
+                os.utime(self.claim_path(run_id))
+            except FileNotFoundError:
+                pass
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Remove the run's claim if ``owner`` holds it."""
+        info = self.claim_info(run_id)
+        if info is not None and info.get("owner") == owner:
+            self.claim_path(run_id).unlink(missing_ok=True)
+
+    def stamp(self, run_id: str) -> tuple[int, int] | None:
+        """Identity of the run's current ``result.json`` (None when there is none): a runner that saw one stamp when it
+        planned and finds another after taking the claim knows another runner finished the run meanwhile."""
+        try:
+            st = (self.run_dir(run_id) / RESULT).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def run_ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -115,6 +235,23 @@ class Store:
                 result["path"] = str(self.run_dir(run_id))
                 out.append(result)
         return out
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _claim_is_stale(info: dict[str, Any] | None, mtime: float, timeout_s: float) -> bool:
+    """Untouched for ``timeout_s``, or held by a process of this host that no longer exists. (A claim that cannot be
+    read yet is being written: only the timeout applies.)"""
+    if time.time() - mtime > timeout_s:
+        return True
+    if info is None or info.get("host") != HOST or not isinstance(info.get("pid"), int):
+        return False
+    return not _alive(info["pid"])
 
 
 def _alive(pid: int) -> bool:

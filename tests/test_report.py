@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from peftbench.cli import main as cli_main
 from peftbench.config import RunConfig
-from peftbench.evaluate import compute_metrics
+from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.report import analyse, load_curves, load_predictions, load_runs, settings_of, write_report
 from peftbench.report import errors, tables, verdict
 
@@ -67,7 +67,11 @@ def write_run(store: Path, arm: str, method: str, seed: int, lr: float, preds: p
     result = {"run_id": run.run_id, "status": status, "error": error, "config": run.to_dict(), "labels": LABELS}
     if status == "success":
         metrics = {"best_epoch": 2, "epochs_run": 2}
-        if preds is not None:
+        if preds is not None and method == "llm":  # hard predictions only, -1 = no label; probs are NaN
+            metrics["test"] = compute_metrics_from_preds(preds["label"].to_numpy(), preds["pred"].to_numpy(), 2)
+            metrics["validation"] = {}
+            preds.to_parquet(folder / "predictions.parquet")
+        elif preds is not None:
             metrics["test"] = compute_metrics(preds["label"].to_numpy(), np.array(preds["probs"].tolist()))
             metrics["validation"] = {**metrics["test"], "accuracy": val_accuracy}
             preds.to_parquet(folder / "predictions.parquet")
@@ -78,7 +82,8 @@ def write_run(store: Path, arm: str, method: str, seed: int, lr: float, preds: p
             adapter = trainable - 770 if method == "lora" else 0
             result["params"] = {"base_model": base, "total": base + adapter, "trainable": trainable,
                                 "adapter": adapter, "head": 770, "trainable_pct": 100.0 * trainable / base}
-            result["costs"] = {"train_time_s": train_time, "train_examples_per_s": 1000 / train_time if train_time else None,
+            result["costs"] = {"train_time_s": train_time,
+                               "train_examples_per_s": 1000 / train_time if train_time else None,
                                "peak_memory_mb": 500.0 + trainable / 1e4, "adapter_size_bytes": 4 * trainable,
                                "peak_memory_kind": "process_peak_rss"}
         epochs = [{"epoch": e, "step": 10 * e, "train_loss": 0.7 / e, "train_accuracy": 0.6 + 0.1 * e,
@@ -100,6 +105,14 @@ ARMS = {  # arm: (method, r, trainable, train_time, {lr: (val accuracy, [test ac
 }
 
 
+def llm_predictions(test: pd.DataFrame) -> pd.DataFrame:
+    """An LLM baseline: the first 200 test examples only, hard predictions (20 of them -1, no label), NaN probs."""
+    part = test.iloc[:200]
+    pred = np.where(correct_mask(200, 0.8, 9), part["label"], 1 - part["label"])
+    pred[:20] = -1
+    return part.assign(pred=pred, probs=[[np.nan, np.nan]] * 200)[["id", "text", "label", "pred", "probs", "length"]]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("store")
@@ -113,6 +126,7 @@ def store(tmp_path_factory) -> Path:
     write_run(root, "lora r=16", "lora", 7, 1e-2, status="failed", error="RuntimeError: loss is NaN at step 3", r=16)
     write_run(root, "tfidf", "tfidf", 0, 1.0, predictions(test, correct_mask(N_TEST, 0.75, 5), 0), val_accuracy=0.74,
               with_params=False)
+    write_run(root, "llm", "llm", 0, 1.0, llm_predictions(test), with_params=False)
     return root
 
 
@@ -179,6 +193,8 @@ def test_seed_ci_methods():
     assert tables.seed_ci([0.8])[2] == "n/a"
     low, high, how = tables.seed_ci([0.80, 0.82])
     assert how == "t" and low < 0.80 and high > 0.82  # 1 degree of freedom: wider than the two values
+    low, high, how = tables.seed_ci([0.80, 0.82, 0.81])
+    assert how == "t" and low < 0.80 and high > 0.82  # a bootstrap would give about [0.80, 0.82]
     low, high, how = tables.seed_ci([0.80, 0.82, 0.81, 0.83, 0.79])
     assert how == "bootstrap" and 0.79 <= low < 0.81 < high <= 0.83
 
@@ -252,6 +268,18 @@ def test_verdict_never_claims_a_difference_smaller_than_seed_noise():
     assert v["verdict"] == verdict.INCONCLUSIVE
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_weighted"])
+def test_verdict_metrics_equal_scikit_learn(metric):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=300)
+    preds = np.where(rng.random(300) < 0.6, labels, rng.integers(-1, 4, size=300))  # class 4 never predicted, -1s
+    kind, _, avg = metric.partition("_")
+    expected = accuracy_score(labels, preds) if metric == "accuracy" else {
+        "f1": f1_score, "precision": precision_score, "recall": recall_score}[kind](
+        labels, preds, labels=list(range(6)), average=avg, zero_division=0)  # class 5: absent, counts as 0 (macro)
+    assert verdict.score(labels, preds, metric, num_labels=6) == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("diff, low, high, noise, seed_se, seeds, expected", [
     (-0.2, -0.6, 0.2, 0.3, 0.25, 3, verdict.NON_INFERIOR),
     (-0.2, -0.6, 0.2, 1.5, 1.2, 3, verdict.INCONCLUSIVE),  # seeds too noisy to rule out a 1-point loss
@@ -263,6 +291,17 @@ def test_verdict_never_claims_a_difference_smaller_than_seed_noise():
 ])
 def test_decide(diff, low, high, noise, seed_se, seeds, expected):
     assert verdict.decide(diff, low, high, noise, seed_se, 1.0, seeds)[0] == expected
+
+
+def test_baselines_without_params_or_probabilities(store, analysis):
+    table = analysis["table"].set_index("arm")
+    llm = pd.read_parquet(next(store.glob(f"{table.loc['llm', 'run_ids']}/predictions.parquet")))
+    assert table.loc["llm", "accuracy"] == pytest.approx(accuracy_score(llm["label"], llm["pred"]))  # -1 is wrong
+    assert np.isnan(table.loc["llm", "params_trainable"]) and np.isnan(table.loc["llm", "roc_auc"])
+    v = analysis["verdicts"].set_index("arm").loc["llm"]
+    assert v["n_examples"] == 200  # paired on the test ids both arms have
+    mistakes = errors.confident_mistakes({0: llm}, LABELS)
+    assert "(invalid)" in set(mistakes["predicted"]) and mistakes["confidence"].isna().all()
 
 
 def test_store_verdicts(analysis):
@@ -315,17 +354,20 @@ def test_report_files(report, analysis):
     full = analysis["table"].set_index("arm").loc["full"]
     assert f"{100 * full['accuracy']:.2f} ± {100 * full['accuracy_std']:.2f}" in md
 
-    results = json.loads((report / "results.json").read_text())
+    def strict(constant):
+        raise AssertionError(f"results.json holds {constant}, which is not JSON")
+
+    results = json.loads((report / "results.json").read_text(), parse_constant=strict)
     arms = {a["arm"]: a for a in results["arms"]}
     assert arms["full"]["accuracy"] == pytest.approx(full["accuracy"])
     assert arms["tfidf"]["params_trainable"] is None  # missing params: null, not a crash
     csv = pd.read_csv(report / "results.csv")
-    assert len(csv) == len(ARMS) + 1 and csv.set_index("arm").loc["full", "accuracy"] == pytest.approx(
+    assert len(csv) == len(ARMS) + 2 and csv.set_index("arm").loc["full", "accuracy"] == pytest.approx(
         full["accuracy"])
     runs = pd.read_csv(report / "runs.csv")
     assert list(runs.columns[:11]) == ["run", "mode", "rank", "lr", "scheduler", "trainable_params", "total_params",
                                        "share_pct", "train_time_s", "val_macro_f1", "test_macro_f1"]
-    assert len(runs) == 3 * 6 + 2  # every run, the failed one and the unselected lr included
+    assert len(runs) == 3 * 6 + 3  # every run, the failed one and the unselected lr included
     tex = (report / "table.tex").read_text()
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and "lora r=16" in tex
     assert "Configuration & Params" in tex
@@ -373,9 +415,9 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
-def test_cli_report_and_rerun(store, tmp_path):
-    out = tmp_path / "rep"
-    assert cli_main(["report", str(store), "--out", str(out)]) == 0
-    first = json.loads((out / "results.json").read_text())["arms"]
-    assert cli_main(["report", str(store), "--out", str(out)]) == 0  # re-running gives the same report
-    assert json.loads((out / "results.json").read_text())["arms"] == first
+def test_cli_report_reruns_into_the_same_folder(store, report):
+    before = json.loads((report / "results.json").read_text())
+    (report / "plots" / "stale.png").write_bytes(b"old")
+    assert cli_main(["report", str(store), "--out", str(report)]) == 0  # re-running rewrites the same report
+    assert json.loads((report / "results.json").read_text()) == before
+    assert not (report / "plots" / "stale.png").exists()

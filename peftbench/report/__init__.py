@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from peftbench.config import ConfigError
 from peftbench.report import document, errors, plots, render, tables, verdict
 from peftbench.store import Store, flatten, write_json
 
@@ -82,8 +83,16 @@ def load_curves(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def settings_of(study: Any = None) -> dict[str, Any]:
-    """The study's [report] settings over the defaults (reference 'full', accuracy, margin 1 point)."""
-    return {**DEFAULT_SETTINGS, **(getattr(study, "report", None) or {})}
+    """The study's [report] settings over the defaults (reference 'full', accuracy, margin 1 point), checked."""
+    settings = {**DEFAULT_SETTINGS, **(getattr(study, "report", None) or {})}
+    if settings["metric"] not in tables.METRICS:
+        raise ConfigError(f"report.metric: expected one of {', '.join(tables.METRICS)}, got {settings['metric']!r}")
+    if settings["selection_metric"] not in tables.METRICS + ["loss"]:
+        raise ConfigError(f"report.selection_metric: expected one of {', '.join(tables.METRICS)}, loss, got "
+                          f"{settings['selection_metric']!r}")
+    if not float(settings["margin"]) >= 0:
+        raise ConfigError(f"report.margin: expected a number of points >= 0, got {settings['margin']!r}")
+    return settings
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
             if cand["arm"] == ref["arm"]:
                 continue
             result = verdict.compare(preds[ref["arm"]], preds[cand["arm"]], margin=float(settings["margin"]),
-                                     metric=paired_metric)
+                                     metric=paired_metric, num_labels=len(labels) or None)
             rows.append({"model": out["model"], "dataset": out["dataset"], "arm": cand["arm"],
                          "method": cand["method"], "reference": ref["arm"],
                          "trainable_pct": cand["params_trainable_pct"], **result})
@@ -146,7 +155,8 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
         out["confusion"] = errors.confusion(preds[best["arm"]], len(labels) or int(out["per_class"].shape[0]))
     else:
         out["per_class"] = out["mistakes"] = None
-        stored = selected.loc[selected["arm"] == out["best"], "test_confusion_matrix"].dropna().tolist()
+        best_ids = [] if best is None else best["run_ids"].split()
+        stored = selected.loc[selected["run_id"].isin(best_ids), "test_confusion_matrix"].dropna().tolist()
         out["confusion"] = sum(pd.DataFrame(m).to_numpy() for m in stored) if stored else None
 
     # Disagreements: the reference against the best LoRA arm (else the best other arm with predictions).
@@ -227,7 +237,8 @@ def write_report(store, run_ids=None, study=None, out_dir=None) -> Path:
     analysis = analyse(runs, load_predictions(runs), load_curves(runs), settings)
     figs = figures(analysis)
     title = getattr(study, "name", None) or store.resolve().name
-    meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or ""}
+    meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or "",
+            "not_run": len(set(run_ids)) - len(runs) if run_ids is not None else 0}
 
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +250,10 @@ def write_report(store, run_ids=None, study=None, out_dir=None) -> Path:
     md_blocks = document.blocks(analysis, {k: [(f"plots/{n}", d, c) for n, d, c in v] for k, v in figs.items()}, meta)
     (out / "report.md").write_text(render.markdown(md_blocks), encoding="utf-8")
     (out / "report.html").write_text(render.html_page(md_blocks, f"peftbench report: {title}"), encoding="utf-8")
+    has_arms = len(analysis["table"]) > 0
     (out / "table.md").write_text(render.markdown_table(document.arm_display(analysis["table"], settings["metric"]))
-                                  + "\n" if len(analysis["table"]) else "_(no successful runs)_\n", encoding="utf-8")
-    (out / "table.tex").write_text(render.latex_table(analysis["table"], title) if len(analysis["table"]) else "", "utf-8")
+                                  + "\n" if has_arms else "_(no successful runs)_\n", encoding="utf-8")
+    (out / "table.tex").write_text(render.latex_table(analysis["table"], title) if has_arms else "", encoding="utf-8")
     analysis["table"].to_csv(out / "results.csv", index=False)
     analysis["summary"].to_csv(out / "runs.csv", index=False)
     write_json(out / "results.json", document.results_json(analysis, meta))

@@ -7,9 +7,11 @@ Example::
     >>> from peftbench.report.document import verdict_line
     >>> v = pd.Series({"arm": "lora r=4", "reference": "full", "trainable_pct": 0.17, "diff_points": -0.4,
     ...                "ci_low": -0.9, "ci_high": 0.1, "mcnemar_p": 0.2, "noise": 0.3, "verdict": "non-inferior",
-    ...                "metric": "accuracy"})
-    >>> verdict_line(v)
-    '**lora r=4** (0.17% of the base model trainable) vs **full**: −0.40 accuracy points, 95% CI [−0.90, +0.10], McNemar p = 0.2, seed noise ±0.30 → **non-inferior**'
+    ...                "metric": "accuracy", "reason": "…"})
+    >>> verdict_line(v)[:61]
+    '**lora r=4** (0.17% of the base model trainable) vs **full**:'
+    >>> verdict_line(v)[-68:]
+    '[−0.90, +0.10], McNemar p = 0.2, seed std 0.30 → **non-inferior**: …'
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def arm_display(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
 
 
 def nuisance_display(scores: pd.DataFrame, selection_metric: str) -> pd.DataFrame:
-    return pd.DataFrame({"Arm": scores["arm"], "Model": scores["model"], "Dataset": scores["dataset"],
-                         "Setting": scores["setting"], "Seeds": scores["seeds"].astype(str),
+    where = {} if _single(scores) else {"Model": scores["model"], "Dataset": scores["dataset"]}
+    return pd.DataFrame({**where, "Arm": scores["arm"], "Setting": scores["setting"],
+                         "Seeds": scores["seeds"].astype(str),
                          f"Val {selection_metric} (mean)": [pts(v) if selection_metric != "loss" else num(v, 4)
                                                             for v in scores["val_score"]],
                          "Chosen": ["✓" if c else "" for c in scores["chosen"]]})
@@ -125,7 +128,11 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
     out.append(("p", f"{len(runs)} runs in `{meta['store']}` ({n_ok} succeeded, {len(runs) - n_ok} failed), "
                      f"{len(table)} arms. Headline metric: test {metric}. The nuisance setting (learning rate, "
                      f"scheduler, …) of each arm is picked by mean validation {s['selection_metric']} over seeds, "
-                     f"never by test. Reference arm: `{reference}`; non-inferiority margin: {margin:g} point{'' if margin == 1 else 's'}."))
+                     f"never by test. Reference arm: `{reference}`; non-inferiority margin: {margin:g} "
+                     f"point{'' if margin == 1 else 's'}."))
+    if meta.get("not_run"):
+        out.append(("p", f"**{meta['not_run']} run(s) of the study are not in the store yet**: the tables cover the "
+                         f"finished ones only."))
     if len(table) and _single(table):
         out.append(("p", f"Model `{table['model'].iloc[0]}`, dataset `{table['dataset'].iloc[0]}`."))
 
@@ -137,26 +144,27 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
         order = v.assign(_lora=(v["method"] != "lora")).sort_values("_lora", kind="stable")
         out.append(("list", [verdict_line(row) for _, row in order.iterrows()]))
         out.append(("table", verdict_display(v)))
-        out.append(("p", f"Δ = arm − reference in points of test {v['metric'].dropna().iloc[0] if 'metric' in v else metric}"
-                         f", seeds pooled (seed s of the arm paired with seed s of the reference, on the same test "
-                         f"examples). 95% CI: paired bootstrap over test examples. McNemar: exact binomial test on "
-                         f"the examples only one arm got right. A verdict needs at least 2 seeds per arm. The decision "
-                         f"interval is the CI widened to at least Δ ± the seeds' standard error "
-                         f"(sqrt((std_ref² + std_arm²) / seeds)): **non-inferior** if its low end is above "
-                         f"−{margin:g}; **inferior** if its high end is below −{margin:g} and |Δ| exceeds the larger "
-                         f"seed std (a difference smaller than the seed noise is never claimed); otherwise "
-                         f"**{verdict.INCONCLUSIVE}**. Details: docs/report.md."))
+        paired = v["metric"].dropna().iloc[0] if "metric" in v and v["metric"].notna().any() else metric
+        out.append(("p", " ".join([
+            f"Δ = arm − reference in points of test {paired}, seeds pooled (seed s of the arm paired with seed s of",
+            "the reference, on the same test examples). 95% CI: paired bootstrap over test examples. McNemar: exact",
+            "binomial test on the examples only one arm got right. A verdict needs at least 2 seeds per arm. The",
+            "decision interval is the CI widened to at least Δ ± the seeds' standard error",
+            f"(sqrt((std_ref² + std_arm²) / seeds)): **non-inferior** if its low end is above −{margin:g};",
+            f"**inferior** if its high end is below −{margin:g} and |Δ| exceeds the larger seed std (a difference",
+            f"smaller than the seed noise is never claimed); otherwise **{verdict.INCONCLUSIVE}**.",
+            "Details: docs/report.md."])))
     else:
         missing_ref = len(table) and all(g["reference"] is None for g in analysis["groups"])
-        out.append(("p", f"No verdict: no arm labelled or of method `{reference}` among the successful runs." if
-                    missing_ref else "No verdict: no arm to compare."))
+        out.append(("p", f"No verdict: no arm labelled or of method `{reference}` among the successful runs."
+                    if missing_ref else "No verdict: no arm to compare."))
 
     out.append(("h", 2, "Results per arm"))
     if len(table):
         out.append(("table", arm_display(table, metric)))
         out.append(("p", f"Test scores in points (% of test examples for accuracy): mean ± std over seeds; for "
-                         f"{metric} also the 95% CI of the mean (percentile bootstrap over seeds with 3 or more "
-                         f"seeds, Student t with 2, none with 1). Costs are means over seeds; n/a = not applicable "
+                         f"{metric} also the 95% CI of the mean (percentile bootstrap over seeds with 5 or more "
+                         f"seeds, Student t with 2–4, none with 1). Costs are means over seeds; n/a = not applicable "
                          f"or not recorded. All columns: [results.csv](results.csv), [results.json](results.json); "
                          f"LaTeX: [table.tex](table.tex); every run: [runs.csv](runs.csv)."))
     else:
@@ -231,7 +239,7 @@ def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
         shown = by_length.copy()
         for col in shown.columns[2:]:
             shown[col] = [pts(x, 1) for x in shown[col]]
-        shown = shown.rename(columns={"bucket": "Length (tokens, quantile buckets)", "n": "Test examples"})
+        shown = shown.rename(columns={"bucket": "Length (words, quantile buckets)", "n": "Test examples"})
         out.append(("table", shown))
         out.append(("p", "Error rate in % of the bucket's test examples, seeds pooled."))
     else:

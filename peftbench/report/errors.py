@@ -1,4 +1,5 @@
-"""Error analysis from the stored test predictions (``predictions.parquet``: id, text, label, pred, probs, length).
+"""Error analysis from the stored test predictions (``predictions.parquet``: id, text, label, pred, probs, length in
+words; probs may be NaN for a method without probabilities).
 
 Pure functions. An arm's predictions are ``{seed: frame}``; seeds are pooled (every seed's prediction of an example
 counts once). A prediction of -1 (a baseline that named no label) is a mistake.
@@ -38,7 +39,7 @@ def recomputed_accuracy(frame: pd.DataFrame) -> float:
 
 
 def length_edges(lengths, buckets: int = 4) -> np.ndarray:
-    """Bucket edges at the quantiles of the test texts' token lengths (equal-count buckets, duplicates merged)."""
+    """Bucket edges at the quantiles of the test texts' lengths (words; equal-count buckets, duplicates merged)."""
     lengths = pd.Series(lengths, dtype=float).dropna()
     edges = np.unique(np.quantile(lengths, np.linspace(0, 1, buckets + 1)))
     if len(edges) < 2:
@@ -51,7 +52,7 @@ def bucket_names(edges: np.ndarray) -> list[str]:
     for i in range(len(edges) - 1):
         low = int(np.floor(edges[i])) if i == 0 else int(np.floor(edges[i])) + 1
         high = int(np.floor(edges[i + 1]))
-        names.append(f"{low}–{high} tokens" if high > low else f"{high} tokens")
+        names.append(f"{low}–{high}" if high > low else f"{high}")
     return names
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
 REFERENCE_LINES = {"full": ("full fine-tuning", "tab:red", "--"), "frozen": ("frozen encoder", "tab:gray", ":")}
@@ -124,6 +125,7 @@ def training_curves(curves: dict[str, pd.DataFrame]) -> Figure | None:
                 acc_ax.plot(mean.index, _pts(mean[col]), color=color, linestyle=style, marker=".", label=col)
         ax.set_title(str(arm), fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss", color="tab:blue")
         acc_ax.set_ylabel("accuracy (%)", color="tab:green")
         lines = ax.get_legend_handles_labels()
@@ -152,8 +154,9 @@ def confusion_matrix(matrix: np.ndarray, labels: list[str], title: str) -> Figur
 
 
 def train_time(table: pd.DataFrame) -> Figure | None:
-    """Training time per arm (mean ± std over seeds); log axis when the times span more than two decades."""
-    t = table[table["train_time_s"].notna()]
+    """Training time per arm (mean ± std over seeds); log axis when the times span more than two decades. Arms that
+    do not train (untrained head) are left out."""
+    t = table[(table["train_time_s"] > 0) & (table["method"] != "untrained")]
     if not len(t):
         return None
     fig = Figure(figsize=(6, 0.5 * len(t) + 1.5))
@@ -162,8 +165,7 @@ def train_time(table: pd.DataFrame) -> Figure | None:
     ax.barh(y, t["train_time_s"], xerr=t["train_time_s_std"].fillna(0), capsize=3, color="tab:purple", alpha=0.8)
     ax.set_yticks(y, [str(a) for a in t["arm"]])
     ax.invert_yaxis()
-    positive = t.loc[t["train_time_s"] > 0, "train_time_s"]
-    if len(positive) and positive.max() / positive.min() > 100:
+    if t["train_time_s"].max() / t["train_time_s"].min() > 100:
         ax.set_xscale("log")
     ax.set_xlabel("training time (s, mean over seeds)")
     ax.set_title("training time per arm")

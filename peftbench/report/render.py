@@ -114,7 +114,8 @@ def jsonable(v: Any) -> Any:
 
 def _cell(x: Any) -> str:
     text = NA if missing(x) else str(x)
-    return text.replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+    # Texts are data: a review's "<br />" must show as text, not become HTML on GitHub.
+    return text.replace("|", "\\|").replace("<", "&lt;").replace("\n", " ").replace("\r", " ")
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -150,7 +151,8 @@ CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
        padding: 0 1em; color: #1f2328; line-height: 1.45; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; display: block; overflow-x: auto; }
-th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; white-space: nowrap; }
+td.long { white-space: normal; min-width: 24em; }
 th { background: #f6f8fa; cursor: pointer; white-space: nowrap; }
 th.asc::after { content: " ▲"; } th.desc::after { content: " ▼"; }
 tr:nth-child(even) td { background: #fafbfc; }
@@ -191,10 +193,15 @@ def inline_html(text: str) -> str:
     return out
 
 
+def _td(value: Any) -> str:
+    text = NA if missing(value) else str(value)
+    return f'<td class="long">{html.escape(text)}</td>' if len(text) > 40 else f"<td>{html.escape(text)}</td>"
+
+
 def html_table(frame: pd.DataFrame) -> str:
+    """A sortable table (click a header); long cells (texts, reasons) wrap, the others do not."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(NA if missing(v) else str(v))}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
+    rows = "".join("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 

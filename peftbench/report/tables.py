@@ -7,7 +7,7 @@ Example::
 
     >>> import pandas as pd
     >>> from peftbench.report.tables import seed_ci
-    >>> low, high, how = seed_ci([0.80, 0.82, 0.81, 0.83])
+    >>> low, high, how = seed_ci([0.80, 0.82, 0.81, 0.83, 0.815])
     >>> how, low <= 0.815 <= high
     ('bootstrap', True)
 """
@@ -29,8 +29,8 @@ PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes"]
 # Table order: baselines first, then by rank, the full fine-tuning reference last; unknown methods in between.
 METHOD_ORDER = {"untrained": 0, "tfidf": 1, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
-# Runs with more seeds than this get a percentile bootstrap CI; 2 seeds get a Student t interval (see seed_ci).
-MIN_SEEDS_FOR_BOOTSTRAP = 3
+# Arms with at least this many seeds get a percentile bootstrap CI over seeds, fewer a Student t interval (seed_ci).
+MIN_SEEDS_FOR_BOOTSTRAP = 5
 
 
 def higher_is_better(metric: str) -> bool:
@@ -87,16 +87,17 @@ def nuisance_scores(runs: pd.DataFrame, selection_metric: str = "accuracy") -> p
         for nuisance in options:
             group = arm_runs[arm_runs["nuisance"] == nuisance]
             train = json.loads(nuisance) if nuisance != "?" else {}
-            rows.append({**dict(zip(ARM_KEY, key)), "nuisance": nuisance, "setting": nuisance_label(train, keys),
+            rows.append({**dict(zip(ARM_KEY, key)), "method": group["method"].iloc[0], "r": group["r"].iloc[0],
+                         "nuisance": nuisance, "setting": nuisance_label(train, keys),
                          "seeds": int(group["seed"].nunique()),
                          "val_score": float(pd.to_numeric(group[col], errors="coerce").mean())})
-    scores = pd.DataFrame(rows, columns=ARM_KEY + ["nuisance", "setting", "seeds", "val_score"])
+    scores = pd.DataFrame(rows, columns=ARM_KEY + ["method", "r", "nuisance", "setting", "seeds", "val_score"])
     sign = 1.0 if higher_is_better(selection_metric) else -1.0
     scores["_rank"] = (sign * scores["val_score"]).fillna(-np.inf)
     order = scores.sort_values(["_rank", "seeds"], ascending=False, kind="stable")
     best = order.drop_duplicates(ARM_KEY, keep="first").index
     scores["chosen"] = scores.index.isin(best)
-    return scores.drop(columns="_rank")
+    return ordered(scores.sort_values("_rank", ascending=False, kind="stable").drop(columns="_rank"))
 
 
 def select_nuisance(runs: pd.DataFrame, selection_metric: str = "accuracy") -> pd.DataFrame:
@@ -110,9 +111,10 @@ def select_nuisance(runs: pd.DataFrame, selection_metric: str = "accuracy") -> p
 def seed_ci(values, confidence: float = 0.95, n_resamples: int = 2000) -> tuple[float, float, str]:
     """A confidence interval of the mean over seeds: ``(low, high, method)``.
 
-    3 or more seeds: percentile bootstrap over seeds (``scipy.stats.bootstrap``). 2 seeds: a bootstrap of two values
-    can only return their range, so a Student t interval (1 degree of freedom, very wide) is used instead. 1 seed:
-    no interval (NaN, "n/a")."""
+    5 or more seeds: percentile bootstrap over seeds (``scipy.stats.bootstrap``). 2–4 seeds: Student t interval
+    (``scipy.stats.t``), because a bootstrap of so few values is little more than their min–max range and covers the
+    mean far less often than claimed (about 75% of the time for 3 normal values, not 95%). 1 seed: no interval (NaN,
+    "n/a")."""
     x = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
     if len(x) < 2:
         return float("nan"), float("nan"), "n/a"
@@ -127,9 +129,19 @@ def seed_ci(values, confidence: float = 0.95, n_resamples: int = 2000) -> tuple[
     return float(res.confidence_interval.low), float(res.confidence_interval.high), "bootstrap"
 
 
-def _sort_key(row: pd.Series) -> tuple:
-    r = row.get("r")
-    return (METHOD_ORDER.get(row["method"], 5), float(r) if pd.notna(r) else 0.0, str(row["arm"]))
+def ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows by model, dataset, then method (baselines first, full fine-tuning last), rank and arm label; the order
+    within an arm is kept (stable)."""
+    if not len(frame):
+        return frame.reset_index(drop=True)
+
+    def key(i):
+        row = frame.loc[i]
+        r = row.get("r")
+        return (str(row["model"]), str(row["dataset"]), METHOD_ORDER.get(row["method"], 5),
+                float(r) if pd.notna(r) else 0.0, str(row["arm"]))
+
+    return frame.loc[sorted(frame.index, key=key)].reset_index(drop=True)
 
 
 def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
@@ -165,12 +177,7 @@ def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
             if col == "train_time_s":
                 row["train_time_s_std"] = values.std(ddof=1) if values.notna().sum() > 1 else np.nan
         rows.append(row)
-    table = pd.DataFrame(rows)
-    if not len(table):
-        return table
-    order = sorted(range(len(table)), key=lambda i: (str(table.loc[i, "model"]), str(table.loc[i, "dataset"]),
-                                                     _sort_key(table.loc[i])))
-    return table.loc[order].reset_index(drop=True)
+    return ordered(pd.DataFrame(rows))
 
 
 def find_reference(group: pd.DataFrame, reference: str) -> pd.Series | None:

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import stats
-from sklearn import metrics as skm
 
 NON_INFERIOR = "non-inferior"
 INFERIOR = "inferior"
@@ -38,13 +37,41 @@ INCONCLUSIVE = "inconclusive — more seeds needed"
 NOT_TESTED = "not tested — no stored predictions"
 
 
-def score(labels: np.ndarray, preds: np.ndarray, metric: str = "accuracy", weights: np.ndarray | None = None) -> float:
-    """A headline metric of hard predictions (accuracy, f1_macro, f1_weighted, precision_*, recall_*)."""
+def class_counts(labels: np.ndarray, preds: np.ndarray, idx: np.ndarray, num_labels: int) -> tuple[np.ndarray, ...]:
+    """Per-class true positives, predicted and gold counts, each (resamples, num_labels), of the example indices
+    ``idx`` (resamples, n) — one ``np.bincount`` per count, so thousands of bootstrap resamples stay cheap. A
+    prediction of -1 (no label), or of an id >= num_labels, is never a class."""
+    rows = np.arange(idx.shape[0])[:, None] * num_labels
+
+    def count(values):
+        v = values[idx]
+        keep = (v >= 0) & (v < num_labels)
+        return np.bincount((rows + v)[keep], minlength=idx.shape[0] * num_labels).reshape(idx.shape[0], num_labels)
+
+    return count(np.where(labels == preds, labels, -1)), count(preds), count(labels)
+
+
+def from_counts(tp: np.ndarray, predicted: np.ndarray, gold: np.ndarray, metric: str) -> np.ndarray:
+    """Accuracy, or precision / recall / F1 averaged ``macro`` (every class counts, like peftbench.evaluate) or
+    ``weighted`` (by gold support), from per-class counts; 0 where a class is undefined (scikit-learn's
+    ``zero_division=0``). The tests check it equals scikit-learn."""
+    tp, predicted, gold = (np.asarray(a, dtype=float) for a in (tp, predicted, gold))
     if metric == "accuracy":
-        return float(skm.accuracy_score(labels, preds, sample_weight=weights))
+        return tp.sum(-1) / gold.sum(-1)
     kind, avg = metric.rsplit("_", 1)
-    func = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[kind]
-    return float(func(labels, preds, average=avg, sample_weight=weights, zero_division=0))
+    denominator = {"precision": predicted, "recall": gold, "f1": (predicted + gold) / 2}[kind]
+    per_class = np.divide(tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    if avg == "macro":
+        return per_class.mean(-1)
+    return (per_class * gold).sum(-1) / gold.sum(-1)
+
+
+def score(labels: np.ndarray, preds: np.ndarray, metric: str = "accuracy", num_labels: int | None = None) -> float:
+    """A headline metric of hard predictions (accuracy, f1_macro, f1_weighted, precision_*, recall_*)."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    k = num_labels or int(max(labels.max(), preds.max())) + 1
+    idx = np.arange(len(labels))[None, :]
+    return float(from_counts(*class_counts(labels, preds, idx, k), metric)[0])
 
 
 def pair_seeds(ref_seeds, cand_seeds) -> list[tuple[Any, Any]]:
@@ -79,7 +106,8 @@ def decide(diff: float, low: float, high: float, noise: float, seed_se: float, m
         return INCONCLUSIVE, (f"{seeds} paired seed(s): the seed-to-seed noise is unknown, so no difference can be "
                               f"told from it")
     low_eff, high_eff = min(low, diff - seed_se), max(high, diff + seed_se)
-    span = f"[{low_eff:+.2f}, {high_eff:+.2f}] (CI widened to at least ±{seed_se:.2f}, the seeds' standard error)"
+    span = (f"[{low_eff:+.2f}, {high_eff:+.2f}]".replace("-", "−")
+            + f" (CI widened to at least ±{seed_se:.2f}, the seeds' standard error)")
     if low_eff > -margin:
         return NON_INFERIOR, f"{span} lies above −{margin:g}"
     if high_eff < -margin:
@@ -90,9 +118,10 @@ def decide(diff: float, low: float, high: float, noise: float, seed_se: float, m
 
 
 def compare(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], margin: float = 1.0,
-            metric: str = "accuracy", confidence: float = 0.95, n_resamples: int = 2000,
-            random_state: int = 0) -> dict[str, Any]:
-    """Candidate vs reference on their stored test predictions (``{seed: predictions frame}`` each).
+            metric: str = "accuracy", num_labels: int | None = None, confidence: float = 0.95,
+            n_resamples: int = 2000, random_state: int = 0) -> dict[str, Any]:
+    """Candidate vs reference on their stored test predictions (``{seed: predictions frame}`` each). ``num_labels``
+    (default: inferred) makes macro averages count every class, as result.json's metrics do.
 
     Returns the numbers behind the verdict: paired seeds, examples, both scores and their difference (points, seeds
     pooled), its bootstrap CI, McNemar's discordant counts (``ref_only_right``, ``cand_only_right``) and exact
@@ -107,31 +136,24 @@ def compare(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], margin:
     if not n:
         return {**out, "verdict": NOT_TESTED, "reason": "the paired runs share no test example ids"}
 
-    def pooled(lab, rp, cp, weights=None):
-        w = None if weights is None else np.asarray(weights)
-        return np.mean([score(lab, cp[:, j], metric, w) - score(lab, rp[:, j], metric, w) for j in range(k)])
+    kinds = num_labels or int(max(labels.max(), ref_preds.max(), cand_preds.max())) + 1
 
-    ref_score = np.mean([score(labels, ref_preds[:, j], metric) for j in range(k)])
-    cand_score = np.mean([score(labels, cand_preds[:, j], metric) for j in range(k)])
+    def pooled_diff(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        """Candidate − reference metric, averaged over the seed pairs, of each resample of example indices."""
+        idx = np.atleast_2d(idx)
+        diffs = [from_counts(*class_counts(labels, cand_preds[:, j], idx, kinds), metric)
+                 - from_counts(*class_counts(labels, ref_preds[:, j], idx, kinds), metric) for j in range(k)]
+        return np.mean(diffs, axis=0)
+
+    ref_score = np.mean([score(labels, ref_preds[:, j], metric, kinds) for j in range(k)])
+    cand_score = np.mean([score(labels, cand_preds[:, j], metric, kinds) for j in range(k)])
     diff = 100.0 * (cand_score - ref_score)
-    rng = np.random.default_rng(random_state)
-    if metric == "accuracy":
-        # Per-example mean correctness difference over the seed pairs: its mean is the pooled accuracy difference.
-        per_example = ((cand_preds == labels[:, None]).mean(axis=1) - (ref_preds == labels[:, None]).mean(axis=1))
-        if np.allclose(per_example, per_example[0]):
-            low = high = float(per_example[0])
-        else:
-            res = stats.bootstrap((per_example,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                                  method="percentile", vectorized=True, axis=-1, random_state=rng)
-            low, high = res.confidence_interval.low, res.confidence_interval.high
-    else:
-        # Other metrics are not means over examples: resample example indices, recompute the metric per seed pair.
-        idx = np.arange(n)
-        res = stats.bootstrap((idx,), lambda i: pooled(labels[i], ref_preds[i], cand_preds[i]),
-                              confidence_level=confidence, n_resamples=min(n_resamples, 500), method="percentile",
-                              vectorized=False, random_state=rng)
-        low, high = res.confidence_interval.low, res.confidence_interval.high
-    low, high = 100.0 * float(low), 100.0 * float(high)
+    # Paired bootstrap over test examples: a resampled example keeps its outcomes under every seed of both arms.
+    res = stats.bootstrap((np.arange(n),), pooled_diff, confidence_level=confidence, n_resamples=n_resamples,
+                          method="percentile", vectorized=True, batch=100, random_state=random_state)
+    low, high = 100.0 * float(res.confidence_interval.low), 100.0 * float(res.confidence_interval.high)
+    if not np.isfinite([low, high]).all():  # every resample identical (e.g. identical predictions): no spread
+        low = high = diff
 
     ref_right, cand_right = ref_preds == labels[:, None], cand_preds == labels[:, None]
     b = int((ref_right & ~cand_right).sum())
@@ -139,7 +161,7 @@ def compare(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], margin:
     p_value = float(stats.binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
 
     def seed_std(frames: dict[Any, pd.DataFrame]) -> float:
-        values = [100.0 * score(f["label"].to_numpy(), f["pred"].to_numpy(), metric) for f in frames.values()]
+        values = [100.0 * score(f["label"].to_numpy(), f["pred"].to_numpy(), metric, kinds) for f in frames.values()]
         return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
     std_ref, std_cand = seed_std(ref), seed_std(cand)

@@ -1,0 +1,205 @@
+"""Where runs execute: here, one after another (``runner.run_study``), or as Ray tasks across GPUs and machines.
+
+Both executors go through :func:`execute_claimed`, so the store stays the single source of truth: a run is trained only
+by the runner holding its claim (``STORE/.claims/<run_id>``), its folder appears atomically when it is finished, and a
+study resumes correctly whichever executor ran what. Ray is imported only by :func:`run_ray`.
+
+Example::
+
+    >>> from peftbench.config import load_study
+    >>> from peftbench.executors import run_ray
+    >>> summary = run_ray(load_study("studies/demo.toml"), address="auto", gpus_per_run=1)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from peftbench.config import RunConfig, Study, expand_runs
+from peftbench.runner import StudySummary, environment_base, execute_run, pick_device
+from peftbench.store import HEARTBEAT_S, HOST, Store, write_json
+
+
+def new_owner(kind: str) -> str:
+    """A claim owner token, unique to one runner (one ``peftbench run``): every task it submits claims with it."""
+    return f"{kind}:{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def heartbeat(store: Store, run_id: str, owner: str, every_s: float = HEARTBEAT_S):
+    """Touch the run's claim every ``every_s`` seconds while the block runs, so other runners see it is alive."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            store.heartbeat(run_id, owner)
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{run_id}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def execute_claimed(run: RunConfig, store: Store, device, owner: str, seen: Any = None,
+                    position: int = 1) -> dict[str, Any] | None:
+    """:func:`~peftbench.runner.execute_run` under the run's claim.
+
+    Returns None, running nothing, when the run is not ours to run: another live runner holds its claim, or its
+    ``result.json`` changed since we planned (``seen`` is ``store.stamp(run_id)`` at planning time), i.e. another runner
+    finished it meanwhile."""
+    if not store.claim(run.run_id, owner):
+        return None
+    try:
+        if store.stamp(run.run_id) != seen:
+            return None
+        with heartbeat(store, run.run_id, owner):
+            return execute_run(run, store, device, position)
+    finally:
+        store.release(run.run_id, owner)
+
+
+def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: str) -> dict[str, Any] | None:
+    """Store a failed result for a run whose worker died on every attempt (so ``ls`` and reports show it).
+    Nothing is written (None) when another runner has taken the run over or finished it."""
+    if not store.claim(run.run_id, owner):
+        return None
+    try:
+        if store.stamp(run.run_id) != seen:
+            return None
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        result = {"run_id": run.run_id, "status": "failed", "error": error, "config": run.to_dict(),
+                  "environment": {**environment_base(), "device": None}, "timing": {"started": None, "finished": now}}
+        tmp = store.begin(run.run_id)
+        write_json(tmp / "config.json", run.to_dict())
+        write_json(tmp / "result.json", result)
+        store.commit(run.run_id, tmp)
+        return result
+    finally:
+        store.release(run.run_id, owner)
+
+
+def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen: Any,
+                   threads: int) -> dict[str, Any] | None:
+    """The Ray task: one run into the shared store, in a worker process."""
+    import torch
+
+    torch.set_num_threads(threads)  # metrics match the local executor's only at the same thread count
+    return execute_claimed(RunConfig.from_dict(run), Store(root), pick_device(device), owner, seen)
+
+
+def run_ray(study: Study, store: str | Path | None = None, device: str = "auto", retry_failed: bool = True,
+            address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0, max_retries: int = 2,
+            torch_threads: int | None = None, poll_s: float = 2.0) -> StudySummary:
+    """Run every unfinished run of ``study`` as a Ray task; the store (default: the study's) must be reachable at the
+    same path from every worker (a local folder on one machine, a shared filesystem across machines).
+
+    ``address``: None connects to the cluster in ``RAY_ADDRESS`` or started by ``ray start`` on this machine, else
+    starts a local one; ``"auto"`` or ``"ray://host:10001"`` connect to a running cluster. If Ray is already initialised
+    it is used as it is. Each task reserves ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs (a fraction shares a GPU),
+    sets torch to ``torch_threads`` threads (default: ``cpus_per_run``) and is retried up to ``max_retries`` times when
+    its worker dies; after that the run is stored as failed and the rest of the study goes on.
+
+    Example::
+
+        >>> run_ray(load_study("studies/demo.toml"), "/nfs/runs", address="auto", gpus_per_run=1)  # doctest: +SKIP
+    """
+    import ray
+
+    store_obj = Store(Path(store or study.store).resolve())  # workers may start elsewhere: an absolute path
+    store_obj.root.mkdir(parents=True, exist_ok=True)
+    store_obj.clean_stale()
+    runs = expand_runs(study)
+    summary = StudySummary(store=store_obj.root, run_ids=[r.run_id for r in runs])
+    todo = []
+    for run in {r.run_id: r for r in runs}.values():  # two identical arms are one run
+        status = store_obj.status(run.run_id)
+        if status == "success" or (status == "failed" and not retry_failed):
+            summary.skipped += 1
+            if status == "failed":
+                summary.failed.append(run.run_id)
+        else:
+            todo.append(run)
+    if not todo:
+        return summary
+    if gpus_per_run == 0 and device == "auto":
+        device = "cpu"  # Ray hides no GPU from a task that reserved none: do not share one behind its back
+    threads = torch_threads or max(1, int(cpus_per_run))
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address)
+    # tqdm bars of the workers would be forwarded to this terminal line by line: the driver shows one for the study
+    task = ray.remote(_run_in_worker).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
+                                              retry_exceptions=False,
+                                              runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+    owner = new_owner("ray")
+    seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
+    pending = {task.remote(run.to_dict(), str(store_obj.root), device, owner, seen[run.run_id], threads): run
+               for run in todo}
+    bar = tqdm(total=len(todo), desc=f"study {study.name} (ray)", unit="run")
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
+            for ref in ready:
+                run = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # an exception escaped execute_run: a bug, or a broken node
+                    result = record_lost_run(run, store_obj, owner, seen[run.run_id], _one_line(e.cause or e))
+                except ray.exceptions.RayError as e:  # the worker (or its node) died on every attempt
+                    error = f"worker died on each of {max_retries + 1} attempts ({_one_line(e)})"
+                    result = record_lost_run(run, store_obj, owner, seen[run.run_id], error)
+                _account(summary, run, result, store_obj)
+                bar.update(1)
+            claims = store_obj.claims()
+            running = sum(claims.get(r.run_id, {}).get("owner") == owner for r in pending.values())
+            bar.set_postfix(running=running, failed=len(summary.failed), elsewhere=len(summary.claimed))
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+        store_obj.clean_stale()  # folders of workers killed on this host
+        if started_here:
+            ray.shutdown()
+    return summary
+
+
+def _account(summary: StudySummary, run: RunConfig, result: dict[str, Any] | None, store: Store) -> None:
+    """Count one returned run and print one line about it (the same lines as the local executor)."""
+    if result is None:
+        if store.status(run.run_id) is None:
+            summary.claimed.append(run.run_id)
+            holder = (store.claim_info(run.run_id) or {}).get("owner")
+            tqdm.write(f"skip   {run.label}: held by another runner ({holder})")
+        else:
+            summary.skipped += 1
+            if store.status(run.run_id) == "failed":
+                summary.failed.append(run.run_id)
+        return
+    summary.done += 1
+    if result["status"] == "failed":
+        summary.failed.append(run.run_id)
+        tqdm.write(f"FAILED {run.label}: {result['error']}")
+    else:
+        costs = result.get("costs") or {}
+        speed = costs.get("train_examples_per_s")
+        tqdm.write(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
+                   f"{costs.get('train_time_s', 0):.1f}s train" + (f", {speed:.0f} ex/s" if speed else ""))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

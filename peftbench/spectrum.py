@@ -1,0 +1,267 @@
+"""What rank does the task need? Singular values of each layer's learned weight update.
+
+For every adapted weight matrix (query/value by default) the update ΔW = W_trained − W_pretrained is computed and its
+singular values σ₁ ≥ σ₂ ≥ … summarise how many directions the update really uses:
+
+- ``effective_rank_90``: the smallest k whose top-k singular values hold 90% of the squared spectrum (the energy
+  ‖ΔW‖²_F = Σσ²);
+- ``stable_rank``: ‖ΔW‖²_F / σ₁², a smooth lower bound of the rank that ignores tiny singular values.
+
+One method-agnostic rule gives ΔW for every method: the trained layer is applied, in float64 and eval mode, to the
+identity matrix, which yields its effective weight (LoRA: W + B·A·scale; DoRA: the magnitude-rescaled weight;
+PiSSA/OLoRA: W_residual + B·A·scale; AdaLoRA: W + B·(A∘E)·scale; (IA)³: diag(l)·W or W·diag(l); VeRA:
+W + Λ_b·B·Λ_d·A). The pretrained matrix comes from a CPU copy taken before the method touched the model (PiSSA and
+OLoRA rewrite the base weights at initialisation). Full fine-tuning is analysed on the same matrices.
+
+``spectrum.json`` in a run folder holds ``{"energy": 0.9, "top": 64, "rows": [ROW, ...]}`` with one ROW per matrix:
+``name``, ``layer`` (int or null), ``module`` (the target name it matched), ``shape``, ``singular_values`` (the top
+64), ``effective_rank_90``, ``stable_rank``, ``fro_norm`` (‖ΔW‖_F) and ``rel_fro_norm`` (‖ΔW‖_F / ‖W‖_F).
+
+Example::
+
+    >>> import torch
+    >>> from peftbench.spectrum import effective_rank, stable_rank
+    >>> s = torch.tensor([3.0, 1.0, 0.1])
+    >>> effective_rank(s), round(stable_rank(s), 3)
+    (2, 1.112)
+
+In a report::
+
+    rows_by_arm = load_spectra(results_dataframe)          # arm → rows of its runs' spectrum.json
+    fig = spectrum_figure(rows_by_arm)                    # spectra, cumulative energy, effective rank per layer
+    lines = spectrum_sentences(rows_by_arm, reference="full")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ENERGY = 0.9  # share of the squared spectrum the effective rank must hold
+TOP = 64  # singular values stored per matrix
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Computing spectra (pure torch)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def effective_rank(singular_values: torch.Tensor | np.ndarray, energy: float = ENERGY) -> int:
+    """Smallest k such that the top-k singular values hold ``energy`` of Σσ² (0 for a zero update)."""
+    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    total = (s**2).sum()
+    if total <= 0:
+        return 0
+    cumulative = torch.cumsum(s**2, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1
+
+
+def stable_rank(singular_values: torch.Tensor | np.ndarray) -> float:
+    """‖ΔW‖²_F / ‖ΔW‖²₂ = Σσ² / σ₁² (0 for a zero update)."""
+    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    if len(s) == 0 or s[0] <= 0:
+        return 0.0
+    return float((s**2).sum() / s[0] ** 2)
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule: a module matches a target name when its path is the name or ends with ``.name``."""
+    return name == target or name.endswith("." + target)
+
+
+def snapshot(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
+    """CPU copies of the pretrained weights of the nn.Linear layers matching ``targets`` (path → weight).
+
+    Take it before a method wraps or rewrites the model; only the target matrices are copied."""
+    from peftbench.models import HEAD_MODULES
+
+    out = {}
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Linear) and any(_matches(name, t) for t in targets)
+                and not any(part in HEAD_MODULES for part in name.split("."))):
+            out[name] = module.weight.detach().to("cpu", copy=True)
+    return out
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    """The module at ``name`` in the original model, under peft's ``base_model.model.`` prefix if wrapped."""
+    modules = dict(model.named_modules())
+    return modules.get(name) or modules.get("base_model.model." + name)
+
+
+@torch.no_grad()
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a (possibly adapter-wrapped) linear layer applies, in float64 on CPU: layer(I) − layer(0), in eval
+    mode, transposed. A plain nn.Linear is read directly."""
+    if type(module) is nn.Linear:
+        return module.weight.detach().to("cpu", torch.float64)
+    layer = copy.deepcopy(module).to("cpu", torch.float64).eval()
+    d_in = (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).in_features
+    eye = torch.eye(d_in, dtype=torch.float64)
+    return (layer(eye) - layer(torch.zeros(1, d_in, dtype=torch.float64))).T
+
+
+def _layer_index(name: str) -> int | None:
+    match = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def layer_spectra(model: nn.Module, pretrained: dict[str, torch.Tensor], targets: list[str] | None = None,
+                  top: int = TOP, energy: float = ENERGY) -> list[dict[str, Any]]:
+    """One row per matrix of ``pretrained``: the singular values of its update in the trained ``model``."""
+    rows = []
+    for name, before in pretrained.items():
+        module = _find(model, name)
+        if module is None:
+            continue
+        before = before.to(torch.float64)
+        delta = effective_weight(module) - before
+        s = torch.linalg.svdvals(delta)
+        fro = float(torch.sqrt((s**2).sum()))
+        module_name = next((t for t in (targets or []) if _matches(name, t)), name.split(".")[-1])
+        rows.append({"name": name, "layer": _layer_index(name), "module": module_name, "shape": list(delta.shape),
+                     "singular_values": [float(v) for v in s[:top]], "effective_rank_90": effective_rank(s, energy),
+                     "stable_rank": stable_rank(s), "fro_norm": fro,
+                     "rel_fro_norm": fro / max(float(torch.linalg.matrix_norm(before)), 1e-30)})
+    return rows
+
+
+def write_spectrum(run_dir: Path, rows: list[dict[str, Any]], energy: float = ENERGY, top: int = TOP) -> Path:
+    """``spectrum.json`` in ``run_dir``."""
+    path = Path(run_dir) / "spectrum.json"
+    path.write_text(json.dumps({"energy": energy, "top": top, "rows": rows}))
+    return path
+
+
+def read_spectrum(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The rows of a run's ``spectrum.json``, or None when it has none."""
+    path = Path(run_dir) / "spectrum.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["rows"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reporting (pure: rows → table, figure, sentences)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_spectra(results) -> dict[str, list[dict[str, Any]]]:
+    """arm → spectrum rows of its successful runs (each row tagged with ``run_id``), from a ``load_results``
+    DataFrame (columns ``arm``, ``path``, ``run_id``, ``status``). Arms without spectra are left out."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for _, run in results.iterrows():
+        if run.get("status", "success") != "success":
+            continue
+        rows = read_spectrum(run["path"])
+        if rows:
+            out.setdefault(run["arm"], []).extend({**r, "run_id": run["run_id"]} for r in rows)
+    return out
+
+
+def spectrum_table(rows_by_arm: dict[str, list[dict[str, Any]]]):
+    """One row per (arm, module): matrices, runs, effective rank (median and max over layers × runs), stable rank
+    (median) and relative update size ‖ΔW‖/‖W‖ (median)."""
+    import pandas as pd
+
+    records = []
+    for arm, rows in rows_by_arm.items():
+        frame = pd.DataFrame(rows)
+        if "run_id" not in frame:
+            frame["run_id"] = ""
+        for module, g in frame.groupby("module", sort=False):
+            records.append({"arm": arm, "module": module, "matrices": len(g), "runs": g["run_id"].nunique(),
+                            "effective_rank_90_median": float(g["effective_rank_90"].median()),
+                            "effective_rank_90_max": int(g["effective_rank_90"].max()),
+                            "stable_rank_median": float(g["stable_rank"].median()),
+                            "rel_update_median": float(g["rel_fro_norm"].median())})
+    return pd.DataFrame(records)
+
+
+def _energy_curve(row: dict[str, Any]) -> np.ndarray:
+    s = np.asarray(row["singular_values"], dtype=float)
+    total = row["fro_norm"] ** 2
+    return np.cumsum(s**2) / total if total > 0 else np.zeros_like(s)
+
+
+def _mean_curve(curves: list[np.ndarray]) -> np.ndarray:
+    """Mean of curves of possibly different lengths (a curve is extended by its last value)."""
+    n = max(len(c) for c in curves)
+    padded = [np.pad(c, (0, n - len(c)), mode="edge") if len(c) else np.zeros(n) for c in curves]
+    return np.mean(padded, axis=0)
+
+
+def spectrum_figure(rows_by_arm: dict[str, list[dict[str, Any]]], energy: float = ENERGY):
+    """Three panels per study: (a) normalised singular values σ_k/σ₁, (b) cumulative energy Σ_{i≤k}σ²/Σσ² with the
+    ``energy`` line, each averaged over layers and runs, and (c) the effective rank per layer (mean over runs). One
+    colour per arm, one line style per module (query, value, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    modules = list(dict.fromkeys(r["module"] for rows in rows_by_arm.values() for r in rows))
+    for i, (arm, rows) in enumerate(rows_by_arm.items()):
+        colour = colours[i % len(colours)]
+        for j, module in enumerate(modules):
+            mine = [r for r in rows if r["module"] == module and r["fro_norm"] > 0]
+            if not mine:
+                continue
+            style, label = styles[j % len(styles)], f"{arm} · {module}"
+            normalised = _mean_curve([np.asarray(r["singular_values"]) / r["singular_values"][0] for r in mine])
+            k = np.arange(1, len(normalised) + 1)
+            axes[0].plot(k, normalised, style, color=colour, label=label)
+            axes[1].plot(k, _mean_curve([_energy_curve(r) for r in mine]), style, color=colour, label=label)
+            by_layer: dict[int, list[int]] = {}
+            for r in mine:
+                by_layer.setdefault(r["layer"] if r["layer"] is not None else 0, []).append(r["effective_rank_90"])
+            layers = sorted(by_layer)
+            axes[2].plot(layers, [np.mean(by_layer[layer]) for layer in layers], style, marker="o", color=colour,
+                         label=label)
+    axes[0].set(yscale="log", xscale="log", xlabel="k", ylabel="σ_k / σ₁",
+                title="(a) spectrum of the update ΔW (mean over layers)")
+    axes[1].axhline(energy, color="grey", lw=0.8, ls="--")
+    axes[1].set(xscale="log", xlabel="k", ylabel="share of ‖ΔW‖²_F in the top k", ylim=(0, 1.02),
+                title=f"(b) cumulative energy ({energy:.0%} line)")
+    axes[2].set(xlabel="layer", ylabel=f"effective rank ({energy:.0%} energy)",
+                title="(c) effective rank per layer (mean over runs)")
+    handles, labels = axes[2].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def spectrum_sentences(rows_by_arm: dict[str, list[dict[str, Any]]], reference: str | None = "full",
+                       energy: float = ENERGY) -> list[str]:
+    """One sentence per (arm, module), e.g. "full: the update to query has 90% of its energy in rank ≤ 7 in every
+    layer (median 4 over 6 matrices from 3 runs; stable rank median 1.9; ‖ΔW‖/‖W‖ median 0.012).", then what the
+    ``reference`` arm's rank means for the rank of the adapters."""
+    if not rows_by_arm:
+        return []
+    table = spectrum_table(rows_by_arm)
+    pct = f"{energy:.0%}"
+    lines = []
+    for row in table.itertuples():
+        lines.append(f"{row.arm}: the update to {row.module} has {pct} of its energy in rank ≤ "
+                     f"{row.effective_rank_90_max} in every layer (median {row.effective_rank_90_median:g} over "
+                     f"{row.matrices} matrices from {row.runs} run{'s' if row.runs != 1 else ''}; stable rank median "
+                     f"{row.stable_rank_median:.2g}; ‖ΔW‖/‖W‖ median {row.rel_update_median:.2g}).")
+    ref = table[table["arm"] == reference] if reference else table.iloc[:0]
+    if len(ref):
+        k = int(ref["effective_rank_90_max"].max())
+        lines.append(f"Reading: {reference}'s update needs rank ≤ {k} for {pct} of its energy in every adapted "
+                     f"matrix, so an adapter of rank ≥ {k} can in principle express it and one of lower rank cannot "
+                     f"fully; the part of a full fine-tuning update beyond that is spread thin, often noise of the "
+                     f"optimizer rather than structure the task needs.")
+    return lines
