@@ -25,6 +25,8 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,7 +317,7 @@ def tokenize(texts: list[str], tokenizer, max_length: int, cache_dir: Path | Non
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(ids)}")
+        tmp = path.with_suffix(f".{os.getpid()}-{socket.gethostname()}.tmp")
         torch.save(ids, tmp)
         tmp.replace(path)
     return ids

@@ -139,10 +139,10 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address)
-    # tqdm bars of the workers would be forwarded to this terminal line by line: the driver shows one for the study
+    # progress bars of the workers would be forwarded to this terminal line by line: the driver shows one for the study
+    quiet = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     task = ray.remote(_run_in_worker).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
-                                              retry_exceptions=False,
-                                              runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+                                              retry_exceptions=False, runtime_env={"env_vars": quiet})
     owner = new_owner("ray")
     seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
     pending = {task.remote(run.to_dict(), str(store_obj.root), device, owner, seen[run.run_id], threads): run

@@ -290,6 +290,8 @@ def predict_file(source: str | Path, input: str | Path, output: str | Path, text
                  batch_size: int | None = None, device: str = "auto", progress: bool = True) -> pd.DataFrame:
     """Classify every text of ``input`` with a run (or exported) folder and write ``output``: ``id`` (the input's
     ``id`` column, else the row number), ``text``, ``pred_label`` (label name) and ``prob_<label>`` per label."""
+    if not (Path(source) / MARKER).is_file():
+        read_run(source)  # a missing or failed run is reported before anything is read or loaded
     if Path(output).suffix not in OUTPUT_SUFFIXES:
         raise ConfigError(f"{output}: expected an output file ending in {', '.join(OUTPUT_SUFFIXES)}")
     frame = read_texts(input, text_column)

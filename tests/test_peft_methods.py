@@ -201,7 +201,7 @@ def trained_store(tmp_path_factory, tiny_bert, tiny_data):
     study = write_study(tmp / "study.toml", tiny_bert, tiny_data, ARMS)
     store = tmp / "store"
     assert main(["run", str(study), "--store", str(store), "--no-report", "--set", "train.epochs=2",
-                 "--set", "datasets.tiny.max_train=96"]) == 0
+                 "--set", "datasets.tiny.max_train=64"]) == 0
     return store
 
 
