@@ -22,7 +22,7 @@ from typing import Any
 
 from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, ConfigError, apply_overrides,
                               expand_runs, load_study, validate_study)
-from peftbench.methods import LORA_PARAMS
+from peftbench.methods import LORA_PARAMS, METHODS
 
 _KIND_TYPES = {int: int, float: float, str: str, "int?": int, "float?": float, "str?": str, "int|str": None,
                "list[str]": str, "list[str]?": str}
@@ -144,9 +144,8 @@ def cmd_train(args) -> int:
     raw = {"name": args.name, "models": [model], "datasets": {dataset.pop("name"): dataset}, "seeds": [args.seed],
            "train": _picked(args, TRAIN_FIELDS),
            "arms": [{"method": args.method, **_picked(args, LORA_PARAMS, "lora_")}]}
-    if args.method != "lora" and raw["arms"][0].keys() - {"method"}:
-        raise ConfigError(f"--{next(iter(raw['arms'][0].keys() - {'method'})).replace('_', '-')}: only for "
-                          f"--method lora")
+    # The LoRA flags work for every method that takes the parameter (lora, loraplus, vera, ...); a method that does
+    # not gets the usual "unknown key" error. Other method parameters: --set arms.0.KEY=VALUE.
     study = validate_study(apply_overrides(raw, args.set), None)
     return _run(study, args)
 
@@ -269,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one run from flags, into the store")
     p.add_argument("--model", default="builtin:minilm", help="builtin:minilm, a hub id or a local folder")
     p.add_argument("--dataset", default="builtin:rotten_tomatoes", help="builtin:rotten_tomatoes, a hub id or a path")
-    p.add_argument("--method", default="lora", help="full, frozen, lora or untrained")
+    p.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}; parameters without a flag: "
+                   "--set arms.0.KEY=VALUE (e.g. --set arms.0.init_r=12 for adalora)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="train", help="study label stored with the run")
     _add_fields(p, LORA_PARAMS, dest_prefix="lora_")

@@ -61,12 +61,19 @@ TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "warmup_ratio": (float, 0.0, "fraction of all training steps spent warming the learning rate up from 0"),
     "max_grad_norm": (float, 1.0, "clip the global gradient norm to this value (0 disables clipping)"),
     "max_length": (int, 128, "truncate texts to this many tokens (batches are padded only to their longest text)"),
-    "max_tokens_per_batch": ("int?", None, "split a batch whose padded size would exceed this many tokens"),
+    "max_tokens_per_batch": ("int?", None, "bound memory: cut a batch whose padded size would exceed this many "
+                             "tokens into pieces (training accumulates their gradients into one step)"),
     "early_stopping_patience": ("int?", None, "stop after this many epochs without validation improvement"),
     "metric_for_best": (str, "accuracy", "validation metric that picks the best epoch (accuracy, f1_macro, ...)"),
-    "bf16": (bool, False, "train and evaluate under bfloat16 autocast when the device supports it"),
+    "bf16": (bool, True, "bfloat16 autocast where the device runs it natively (CUDA, CPUs with AVX512-BF16 or AMX); "
+                         "fp32 elsewhere"),
     "pooling": (str, "auto", "sentence representation: cls (the model's own head), mean, or auto"),
     "cache_frozen_features": (bool, True, "frozen method: run the encoder once per example and reuse its output"),
+    "length_buckets": (bool, True, "batch texts of similar length together (sorted within large random pools), so "
+                       "batches carry little padding"),
+    "fused_optimizer": (bool, True, "fused AdamW kernel on CUDA and CPU (the same update in one pass)"),
+    "merge_for_eval": (bool, True, "LoRA: merge the adapters into the base weights for the final predictions "
+                       "(after saving them)"),
 }
 TRAIN_CHOICES = {
     "lr_scheduler": ("linear", "cosine", "constant"),
@@ -412,7 +419,8 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
             if key in ARM_FIXED_FIELDS:
                 continue
             if key in spec.params:
-                mparams[key] = _grid(awhere, key, value, lambda w, k, v: spec.check(w, k, v))
+                mparams[key] = _grid(awhere, key, value, lambda w, k, v: spec.check(w, k, v),
+                                     list_valued=key in _list_keys(spec.params))
             else:
                 tparams[key] = _grid(awhere, key, value, lambda w, k, v: _check_train(w, k, v))
         arms.append(Arm(method=method, name=arm_name, method_params=mparams, train=tparams))
@@ -421,10 +429,15 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
                  arms=arms, report=report, description=description)
 
 
-def _grid(where: str, key: str, value: Any, check) -> Any:
-    """A list is a grid axis (each item checked); a scalar is one value. target_modules-style list fields take a
+def _list_keys(fields: dict[str, tuple[Any, Any, str]]) -> set[str]:
+    """Parameters whose single value is a list of names (target_modules, feedforward_modules, ...)."""
+    return {k for k, (kind, _, _) in fields.items() if isinstance(kind, str) and kind.startswith("list[str]")}
+
+
+def _grid(where: str, key: str, value: Any, check, list_valued: bool = False) -> Any:
+    """A list is a grid axis (each item checked); a scalar is one value. List-valued fields (target_modules, ...) take a
     list of strings as one value and a list of lists as a grid."""
-    if isinstance(value, list) and value and not (key == "target_modules" and all(isinstance(v, str) for v in value)):
+    if isinstance(value, list) and value and not (list_valued and _flat(value)):
         return [check(where, key, v) for v in value]
     return check(where, key, value)
 
@@ -437,8 +450,8 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     return validate_study(raw, path)
 
 
-def _axes(values: dict[str, Any]) -> list[dict[str, Any]]:
-    keys = [k for k, v in values.items() if isinstance(v, list) and not (k == "target_modules" and _flat(v))]
+def _axes(values: dict[str, Any], list_keys: set[str] = frozenset()) -> list[dict[str, Any]]:
+    keys = [k for k, v in values.items() if isinstance(v, list) and not (k in list_keys and _flat(v))]
     fixed = {k: v for k, v in values.items() if k not in keys}
     combos = itertools.product(*(values[k] for k in keys)) if keys else [()]
     return [{**fixed, **dict(zip(keys, combo))} for combo in combos], keys
@@ -455,7 +468,7 @@ def expand_runs(study: Study) -> list[RunConfig]:
         for dataset in study.datasets.values():
             for arm in study.arms:
                 spec = methods.METHODS[arm.method]
-                mgrid, mkeys = _axes(spec.resolve_defaults(arm.method_params))
+                mgrid, mkeys = _axes(spec.resolve_defaults(arm.method_params), _list_keys(spec.params))
                 tgrid, _ = _axes({**study.train, **arm.train})
                 for mparams in mgrid:
                     mparams = spec.finalize(mparams)
@@ -475,3 +488,23 @@ def single_run_study(model: str, dataset: dict[str, Any], method: str, method_pa
     raw = {"name": name, "models": [model], "datasets": {dataset.pop("name", "data"): dataset}, "seeds": [seed],
            "train": train, "arms": [{"method": method, **method_params}]}
     return validate_study(raw, None)
+
+
+def reference_markdown() -> str:
+    """The study-file reference tables of the README, generated from the field specs (a test keeps them equal)."""
+
+    def table(title: str, fields: dict[str, tuple[Any, Any, str]]) -> str:
+        rows = [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, (kind, default, doc) in fields.items():
+            shown = "—" if default is None else f"`{json.dumps(default)}`"
+            rows.append(f"| `{key}` | {_type_name(kind)} | {shown} | {doc} |")
+        return "\n".join(rows)
+
+    parts = [table("`[train]` (and any arm)", TRAIN_FIELDS), table("`[datasets.NAME]`", DATASET_FIELDS),
+             table("`[report]`", REPORT_FIELDS)]
+    for name, method in methods.METHODS.items():
+        if method.params:
+            parts.append(table(f"`method = \"{name}\"`: {method.doc}", method.params))
+    others = ", ".join(f"`{n}` ({m.doc})" for n, m in methods.METHODS.items() if not m.params)
+    parts.append(f"Methods without parameters: {others}.")
+    return "\n\n".join(parts)

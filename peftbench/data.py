@@ -324,9 +324,10 @@ def tokenize(texts: list[str], tokenizer, max_length: int, cache_dir: Path | Non
 
 
 def make_batches(lengths: list[int] | np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 max_tokens: int | None = None, bucket_factor: int = 50) -> list[np.ndarray]:
+                 max_tokens: int | None = None, bucket_factor: int = 50, sort: bool = True) -> list[np.ndarray]:
     """Index batches with little padding: sort by length within large random pools, cut into batches, shuffle the
-    batch order. A batch whose padded size (``len(batch) * longest``) exceeds ``max_tokens`` is split."""
+    batch order. A batch whose padded size (``len(batch) * longest``) exceeds ``max_tokens`` is split.
+    ``sort=False`` keeps the (shuffled) order: the plain path, with as much padding as chance gives."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
@@ -334,15 +335,18 @@ def make_batches(lengths: list[int] | np.ndarray, batch_size: int, shuffle: bool
     batches: list[np.ndarray] = []
     for start in range(0, len(order), pool):
         chunk = order[start:start + pool]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        if sort:
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         for b in range(0, len(chunk), batch_size):
-            batches.extend(_cap_tokens(chunk[b:b + batch_size], lengths, max_tokens))
+            batches.extend(split_batch(chunk[b:b + batch_size], lengths, max_tokens))
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
 
 
-def _cap_tokens(batch: np.ndarray, lengths: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+def split_batch(batch: np.ndarray, lengths: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+    """``batch`` cut into pieces whose padded size stays within ``max_tokens`` (a single example is never cut)."""
+    lengths = np.asarray(lengths)
     if max_tokens is None or len(batch) <= 1:
         return [batch]
     longest = int(lengths[batch].max())

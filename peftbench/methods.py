@@ -253,7 +253,10 @@ def resolve_ia3_targets(backbone, params) -> tuple[list[str], list[str]]:
     def matches(t: str) -> bool:
         return any(n == t or n.endswith("." + t) for n in linear)
 
-    targets, feedforward = params["target_modules"], params["feedforward_modules"]
+    def as_list(value):  # a study's single name arrives as a string (see docs/methods.md on lists of names)
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    targets, feedforward = as_list(params["target_modules"]), as_list(params["feedforward_modules"])
     default = DEFAULT_IA3_TARGETS.get(backbone.model_type)
     if targets in ("auto", ["auto"]):
         if default is None:

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from peftbench import baselines, methods
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
-from peftbench.data import Splits, collate, load_splits, make_batches, tokenize
-from peftbench.engine import TrainSettings, predict, train
+from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
+from peftbench.engine import TrainSettings, bf16_supported, make_optimizer, predict, train
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
 from peftbench.store import Store, write_json
@@ -50,6 +50,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def set_threads() -> int:
+    """Intra-op threads = the physical cores this process may use (more threads than cores only adds contention),
+    unless ``OMP_NUM_THREADS`` chooses. Returns the number in use."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import psutil
+
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = min(usable, psutil.cpu_count(logical=False) or usable)
+        if torch.get_num_threads() != cores:
+            torch.set_num_threads(max(1, cores))
+    return torch.get_num_threads()
 
 
 def seed_everything(seed: int) -> None:
@@ -137,10 +150,31 @@ class Prepared:
     device: torch.device
     pad_id: int
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # cached frozen-encoder outputs per split
+    length_buckets: bool = True  # False: batches in random order, padded to their longest text (the plain path)
 
     def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, max_tokens: int | None = None):
         lengths = [len(x) for x in self.ids[split]]
-        return [(split, b) for b in make_batches(lengths, batch_size, shuffle, seed, max_tokens)]
+        return [(split, b) for b in make_batches(lengths, batch_size, shuffle, seed, max_tokens,
+                                                 sort=self.length_buckets)]
+
+    def steps(self, split: str, batch_size: int, seed: int, max_tokens: int | None = None) -> list:
+        """Shuffled training steps: a batch, or, when its padded size exceeds ``max_tokens``, the list of its pieces
+        (the engine accumulates their gradients, so bounding memory does not change the batch size)."""
+        lengths = np.array([len(x) for x in self.ids[split]])
+        out = []
+        for b in make_batches(lengths, batch_size, True, seed, sort=self.length_buckets):
+            pieces = split_batch(b, lengths, max_tokens)
+            out.append((split, b) if len(pieces) == 1 else [(split, piece) for piece in pieces])
+        return out
+
+    def padding_pct(self, steps: list) -> float:
+        """Share of the tokens fed to the model that are padding, over ``steps``."""
+        real = padded = 0
+        for step in steps:
+            for split, idx in (step if isinstance(step, list) else [step]):
+                lengths = [len(self.ids[split][i]) for i in idx]
+                real, padded = real + sum(lengths), padded + len(lengths) * max(lengths)
+        return 100.0 * (1 - real / padded) if padded else 0.0
 
     def predict_split(self, split: str, batch_size: int, bf16: bool = False,
                       max_tokens: int | None = None) -> torch.Tensor:
@@ -162,7 +196,7 @@ class Prepared:
         return self.model(**inputs).logits, labels
 
 
-def _cache_features(p: Prepared, run: RunConfig) -> None:
+def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
     """Frozen encoder: compute its sentence vectors once; every epoch then only runs the head."""
     p.model.eval()
     with torch.no_grad():
@@ -171,7 +205,7 @@ def _cache_features(p: Prepared, run: RunConfig) -> None:
             for _, idx in p.batches(split, run.train["eval_batch_size"], shuffle=False,
                                     max_tokens=run.train.get("max_tokens_per_batch")):
                 inputs = collate(p.ids[split], idx, p.pad_id)
-                with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=run.train["bf16"]):
+                with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=bf16):
                     feats = p.model.features(inputs["input_ids"].to(p.device), inputs["attention_mask"].to(p.device))
                 out[torch.as_tensor(idx)] = feats.float().cpu()
             p.features[split] = out
@@ -185,6 +219,7 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     write_json(tmp / "config.json", run.to_dict())
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {"run_id": run_id, "status": "failed", "error": None, "config": run.to_dict()}
+    set_threads()
     env = {**environment_base(), "device": str(device)}
     result["environment"] = env
     try:
@@ -221,16 +256,18 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     pretrained = _snapshot_for_spectrum(run, backbone)
     total_steps = None
     if methods.METHODS[run.method].trains:  # AdaLoRA's budget schedule needs it before training
-        total_steps = cfg["epochs"] * len(make_batches([len(x) for x in ids["train"]], cfg["batch_size"], True, 0,
-                                                       cfg.get("max_tokens_per_batch")))
+        total_steps = cfg["epochs"] * len(make_batches([len(x) for x in ids["train"]], cfg["batch_size"], True, 0))
     model = methods.prepare(run.method, backbone, run.method_params, total_steps=total_steps)
     params = methods.count_parameters(model, backbone.base_params)
     model.to(device)
     p = Prepared(model=model, splits=splits, ids=ids, labels=labels, device=device,
-                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                 length_buckets=cfg.get("length_buckets", True))
+    bf16 = cfg["bf16"] and bf16_supported(device)
+    max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
     if frozen and cfg.get("cache_frozen_features", True) and hasattr(model, "features"):
-        _cache_features(p, run)
+        _cache_features(p, run, bf16)
 
     def set_train_mode():
         model.train()
@@ -238,21 +275,29 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
             model.base_model.eval()  # a frozen encoder keeps dropout off, so cached and recomputed outputs agree
 
     def evaluate(split: str) -> tuple[dict[str, Any], torch.Tensor]:
-        probs = p.predict_split(split, cfg["eval_batch_size"], cfg["bf16"], cfg.get("max_tokens_per_batch"))
+        probs = p.predict_split(split, cfg["eval_batch_size"], bf16, max_tokens)
         return compute_metrics(labels[split].numpy(), probs.numpy(), len(splits.labels)), probs
 
     history, best_epoch, train_time = [], 0, 0.0
     n_train = len(ids["train"])
+    speed = {"bf16": bf16, "length_buckets": p.length_buckets, "padding_pct": None, "max_tokens_per_batch": max_tokens,
+             "split_steps": 0, "fused_optimizer": False, "torch_threads": torch.get_num_threads(),
+             "attention": getattr(getattr(backbone.model, "config", None), "_attn_implementation", None),
+             "frozen_features_cached": bool(p.features), "merged_for_eval": False}
     if methods.METHODS[run.method].trains:
-        steps = len(p.batches("train", cfg["batch_size"], shuffle=True, seed=0,
-                              max_tokens=cfg.get("max_tokens_per_batch")))
-        settings = TrainSettings.from_config(cfg, steps)
-        bar = tqdm(total=settings.epochs * steps, desc=run.arm, position=position, leave=False, unit="step")
+        first = p.steps("train", cfg["batch_size"], run.seed * 1000 + 1, max_tokens)
+        speed["padding_pct"] = p.padding_pct(first)
+        speed["split_steps"] = sum(isinstance(step, list) for step in first)
+        settings = TrainSettings.from_config(cfg, len(first))
+        settings.bf16 = bf16
+        optimizer = methods.make_optimizer(run.method, model, run.method_params, cfg, device) or make_optimizer(
+            model, cfg["lr"], cfg["weight_decay"], device, cfg.get("fused_optimizer", True))
+        speed["fused_optimizer"] = bool(optimizer.defaults.get("fused"))
+        bar = tqdm(total=settings.epochs * len(first), desc=run.arm, position=position, leave=False, unit="step")
 
         def train_batches(epoch: int):
-            for b in p.batches("train", cfg["batch_size"], shuffle=True, seed=run.seed * 1000 + epoch,
-                               max_tokens=cfg.get("max_tokens_per_batch")):
-                yield b
+            for step in p.steps("train", cfg["batch_size"], run.seed * 1000 + epoch, max_tokens):
+                yield step
                 bar.update(1)
 
         def on_epoch(row):
@@ -262,13 +307,15 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
 
         history, best_epoch, train_time = train(
             model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, device, set_train_mode,
-            on_epoch, optimizer=methods.make_optimizer(run.method, model, run.method_params, cfg, device),
-            after_step=methods.step_hook(run.method, model, run.method_params))
+            on_epoch, optimizer=optimizer, after_step=methods.step_hook(run.method, model, run.method_params))
         bar.close()
     else:
         (out / "metrics.jsonl").touch()
     adapter_size = methods.save_weights(run.method, model, out)
     _write_spectrum(out, model, pretrained)
+    if cfg.get("merge_for_eval", True) and methods.METHODS[run.method].trains:
+        p.model = methods.merge_for_inference(run.method, model)  # saved already: predict at the plain model's cost
+        speed["merged_for_eval"] = p.model is not model
 
     start = time.perf_counter()
     val_metrics, _ = evaluate("validation")
@@ -289,6 +336,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
                   "eval_time_s": eval_time, "eval_examples_per_s": n_eval / eval_time if eval_time else None,
                   "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features)},
         "pooling": backbone.pooling,
+        "speed": speed,
     }
 
 
@@ -356,6 +404,22 @@ class StudySummary:
     claimed: list[str] = field(default_factory=list)  # left to another runner that held them when their turn came
 
 
+def expected_work(run: RunConfig) -> float:
+    """A run's weight in the study's ETA: examples it will push through the encoder, a training pass counting as
+    three forward passes (forward + backward)."""
+    try:
+        info = get_splits(run.dataset).info
+    except Exception:  # noqa: BLE001 - the run itself will report the problem
+        return 1.0
+    n_train, n_val, n_test = (info.get(f"n_{role}", 0) for role in ("train", "validation", "test"))
+    if methods.is_baseline(run.method):
+        return float(max(n_test, 1))
+    if methods.uses_frozen_encoder(run.method) and run.train.get("cache_frozen_features", True):
+        return float(max(n_train + n_val + n_test, 1))  # the encoder runs once per example
+    epochs = run.train.get("epochs", 0) if methods.METHODS[run.method].trains else 0
+    return float(max(epochs * (3 * n_train + n_val) + n_val + n_test, 1))
+
+
 def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
               retry_failed: bool = True) -> StudySummary:
     """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
@@ -382,11 +446,18 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     dev = pick_device(device)
     owner = new_owner("local")
     seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
-    bar = tqdm(total=len(todo), desc=f"study {study.name}", position=0, unit="run")
-    for run in todo:
-        bar.set_postfix_str(run.arm)
+    # The study bar counts expected work (examples through the encoder), so its ETA weighs a 3-epoch full fine-tuning
+    # run more than a frozen-encoder one; each finished run also prints the ETA measured so far.
+    work = {run.run_id: expected_work(run) for run in todo}
+    total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
+    bar = tqdm(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
+    for i, run in enumerate(todo, 1):
+        bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
         result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id])
-        bar.update(1)
+        bar.update(round(work[run.run_id]))
+        done_work += work[run.run_id]
+        left = total_work - done_work
+        eta = f"; study ETA {tqdm.format_interval((time.perf_counter() - started) / done_work * left)}" if left else ""
         if result is None:  # another runner holds it, or finished it since we looked
             if store_obj.status(run.run_id) is None:
                 summary.claimed.append(run.run_id)
@@ -405,7 +476,7 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
             acc = result["metrics"]["test"]["accuracy"]
             speed = costs.get("train_examples_per_s")
             tqdm.write(f"done   {run.label}: test acc {acc:.4f}, "
-                       f"{costs['train_time_s']:.1f}s train" + (f", {speed:.0f} ex/s" if speed else ""))
+                       f"{costs['train_time_s']:.1f}s train" + (f", {speed:.0f} ex/s" if speed else "") + eta)
     bar.close()
     return summary
 

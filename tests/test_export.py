@@ -19,9 +19,10 @@ ARMS = '[[arms]]\nmethod = "lora"\nr = 4\nlr = 1e-2\n[[arms]]\nmethod = "full"\n
 
 
 def _train(tmp, model, data, arms=ARMS):
+    """fp32 runs: their stored predictions are compared with fp32 inference to 1e-5."""
     study = write_study(tmp / "s.toml", model, data, arms)
     main(["run", str(study), "--store", str(tmp / "store"), "--no-report", "--set", "train.epochs=2",
-          "--set", "datasets.tiny.max_train=64"])
+          "--set", "datasets.tiny.max_train=64", "--set", "train.bf16=false"])
     return load_results(tmp / "store").set_index("method")
 
 

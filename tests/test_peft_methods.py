@@ -154,6 +154,21 @@ def test_ia3_targets_are_checked(tiny_bert):
     assert counts["adapter"] == (D + D) * LAYERS
 
 
+@pytest.mark.parametrize("feedforward", ["intermediate.dense", [["intermediate.dense", "output.dense"]]])
+def test_ia3_feedforward_modules_from_a_study(tiny_bert, feedforward):
+    """One name, or several as a list of one list (a plain list of names would be a grid of runs)."""
+    from peftbench.config import expand_runs, validate_study
+
+    raw = {"models": [str(tiny_bert)], "arms": [{"method": "ia3", "feedforward_modules": feedforward,
+                                                 "target_modules": ["value", "intermediate.dense", "output.dense"]}]}
+    (run,) = expand_runs(validate_study(raw))
+    backbone = build_classifier(str(tiny_bert), 2)
+    model = methods.prepare("ia3", backbone, run.method_params)
+    layer = model.base_model.model.bert.encoder.layer[0]
+    assert layer.intermediate.dense.is_feedforward and not layer.attention.self.value.is_feedforward
+    assert layer.output.dense.is_feedforward == isinstance(feedforward, list)
+
+
 @pytest.mark.parametrize("r", [4, 16])
 def test_vera_counts_only_its_scaling_vectors(tiny_bert, r):
     backbone, model, counts = prepared(tiny_bert, "vera", {"r": r})
@@ -201,7 +216,7 @@ def trained_store(tmp_path_factory, tiny_bert, tiny_data):
     study = write_study(tmp / "study.toml", tiny_bert, tiny_data, ARMS)
     store = tmp / "store"
     assert main(["run", str(study), "--store", str(store), "--no-report", "--set", "train.epochs=2",
-                 "--set", "datasets.tiny.max_train=64"]) == 0
+                 "--set", "datasets.tiny.max_train=64", "--set", "train.bf16=false"]) == 0
     return store
 
 

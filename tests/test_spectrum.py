@@ -111,7 +111,7 @@ def store(tmp_path_factory, tiny_minilm_like, tiny_data):
             '[[arms]]\nmethod = "frozen"\nlr = 1e-2\n')
     study = write_study(tmp / "s.toml", tiny_minilm_like, tiny_data, arms)
     assert main(["run", str(study), "--store", str(tmp / "store"), "--no-report", "--set", "train.epochs=2",
-                 "--set", "datasets.tiny.max_train=64"]) == 0
+                 "--set", "datasets.tiny.max_train=64", "--set", "train.bf16=false"]) == 0
     return tmp / "store"
 
 
@@ -160,3 +160,14 @@ def test_cumulative_energy_curve_reaches_one_with_the_full_spectrum():
     row = {"singular_values": [3.0, 1.0, 0.5], "fro_norm": float(np.sqrt(9 + 1 + 0.25))}
     curve = spectrum._energy_curve(row)
     assert curve[-1] == pytest.approx(1.0) and np.all(np.diff(curve) > 0)
+
+
+def test_report_shows_the_spectrum_section_and_figure(store, tmp_path):
+    from peftbench.report import write_report
+
+    out = write_report(store, out_dir=tmp_path / "report")
+    md = (out / "report.md").read_text()
+    assert "Where the rank goes" in md
+    assert "full: the update to query has 90% of its energy in rank ≤" in md
+    assert (out / "plots" / "spectrum.png").stat().st_size > 1000
+    assert "Where the rank goes" in (out / "report.html").read_text()

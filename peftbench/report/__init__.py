@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from peftbench.config import ConfigError
+from peftbench import spectrum
 from peftbench.report import document, errors, plots, render, tables, verdict
 from peftbench.store import Store, flatten, write_json
 
@@ -213,7 +214,9 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
                 ("confusion_matrix", None if g["confusion"] is None else plots.confusion_matrix(
                     g["confusion"], g["labels"] or [str(k) for k in range(len(g["confusion"]))],
                     f"{g['best']} (seeds summed)"), f"confusion matrix of the best arm, {g['best']}"),
-                ("train_time", plots.train_time(g["table"]), "training time per arm")]
+                ("train_time", plots.train_time(g["table"]), "training time per arm"),
+                ("spectrum", spectrum.spectrum_figure(g["spectra"]) if g.get("spectra") else None,
+                 "spectrum of the learned updates ΔW per arm (chosen runs)")]
         out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(fig), caption)
                                       for name, fig, caption in made if fig is not None]
     return out
@@ -235,6 +238,11 @@ def write_report(store, run_ids=None, study=None, out_dir=None) -> Path:
     settings = settings_of(study)
     runs = load_runs(store, run_ids)
     analysis = analyse(runs, load_predictions(runs), load_curves(runs), settings)
+    for g in analysis["groups"]:  # spectrum.json of the chosen runs, in the arm table's order
+        ids = " ".join(g["table"]["run_ids"]).split()
+        chosen = analysis["selected"].set_index("run_id").loc[[i for i in ids if i in
+                                                               set(analysis["selected"]["run_id"])]].reset_index()
+        g["spectra"] = spectrum.load_spectra(chosen)
     figs = figures(analysis)
     title = getattr(study, "name", None) or store.resolve().name
     meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or "",

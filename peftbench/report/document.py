@@ -193,6 +193,20 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
                 out.append(("p", f"**{caption}**"))
                 out.append(("img", path, data, caption))
 
+    spectra = [g for g in analysis["groups"] if g.get("spectra")]
+    if spectra:
+        from peftbench.spectrum import spectrum_sentences, spectrum_table
+
+        out.append(("h", 2, "Where the rank goes: spectrum of the learned updates"))
+        out.append(("p", "For each adapted matrix, the singular values of the learned update ΔW (B·A·scale for LoRA, "
+                         "W_finetuned − W_pretrained for full fine-tuning, on the same matrices). Effective rank = "
+                         "smallest k holding 90% of ‖ΔW‖²; stable rank = ‖ΔW‖²_F / σ₁². Details: docs/methods.md."))
+        for g in spectra:
+            if several:
+                out.append(("h", 3, group_key(g)))
+            out.append(("list", spectrum_sentences(g["spectra"], reference)))
+            out.append(("table", spectrum_table(g["spectra"]).round(3)))
+
     out.append(("h", 2, "Error analysis"))
     for g in analysis["groups"]:
         level = 3
