@@ -85,7 +85,7 @@ def cmd_validate(args) -> int:
 
 
 def _run(study, args) -> int:
-    from peftbench.runner import check_study_inputs, run_study
+    from peftbench.runner import check_study_inputs, run_study, set_threads
 
     check_study_inputs(study)
     if getattr(args, "executor", "local") == "ray":
@@ -99,6 +99,7 @@ def _run(study, args) -> int:
                           address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                           max_retries=args.max_retries)
     else:
+        set_threads()  # this process's torch threads = its cores (Ray workers get cpus_per_run instead)
         summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed)
     print(f"\n{len(summary.run_ids)} runs ({summary.done} trained now, {summary.skipped} already done"
           + (f", {len(summary.claimed)} left to another runner" if summary.claimed else "")

@@ -23,8 +23,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from peftbench.config import RunConfig, Study, expand_runs
-from peftbench.runner import StudySummary, environment_base, execute_run, pick_device
+from peftbench.config import RunConfig, Study
+from peftbench.runner import StudySummary, environment_base, execute_run, pick_device, plan_runs
 from peftbench.store import HEARTBEAT_S, HOST, Store, write_json
 
 
@@ -117,19 +117,7 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
     import ray
 
     store_obj = Store(Path(store or study.store).resolve())  # workers may start elsewhere: an absolute path
-    store_obj.root.mkdir(parents=True, exist_ok=True)
-    store_obj.clean_stale()
-    runs = expand_runs(study)
-    summary = StudySummary(store=store_obj.root, run_ids=[r.run_id for r in runs])
-    todo = []
-    for run in {r.run_id: r for r in runs}.values():  # two identical arms are one run
-        status = store_obj.status(run.run_id)
-        if status == "success" or (status == "failed" and not retry_failed):
-            summary.skipped += 1
-            if status == "failed":
-                summary.failed.append(run.run_id)
-        else:
-            todo.append(run)
+    summary, todo = plan_runs(study, store_obj, retry_failed)
     if not todo:
         return summary
     if gpus_per_run == 0 and device == "auto":

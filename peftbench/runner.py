@@ -219,7 +219,6 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     write_json(tmp / "config.json", run.to_dict())
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {"run_id": run_id, "status": "failed", "error": None, "config": run.to_dict()}
-    set_threads()
     env = {**environment_base(), "device": str(device)}
     result["environment"] = env
     try:
@@ -420,6 +419,25 @@ def expected_work(run: RunConfig) -> float:
     return float(max(epochs * (3 * n_train + n_val) + n_val + n_test, 1))
 
 
+def plan_runs(study: Study, store: Store, retry_failed: bool = True) -> tuple["StudySummary", list[RunConfig]]:
+    """Open the store (removing half-built folders of dead runners) and split the study's runs into those already
+    done (counted in the summary) and those to run (unique by run id)."""
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.clean_stale()
+    runs = expand_runs(study)
+    summary = StudySummary(store=store.root, run_ids=[r.run_id for r in runs])
+    todo = []
+    for run in {r.run_id: r for r in runs}.values():  # two identical arms are one run
+        status = store.status(run.run_id)
+        if status == "success" or (status == "failed" and not retry_failed):
+            summary.skipped += 1
+            if status == "failed":
+                summary.failed.append(run.run_id)
+        else:
+            todo.append(run)
+    return summary, todo
+
+
 def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
               retry_failed: bool = True) -> StudySummary:
     """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
@@ -430,19 +448,7 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     from peftbench.executors import execute_claimed, new_owner
 
     store_obj = Store(store or study.store)
-    store_obj.root.mkdir(parents=True, exist_ok=True)
-    store_obj.clean_stale()
-    runs = expand_runs(study)
-    summary = StudySummary(store=store_obj.root, run_ids=[r.run_id for r in runs])
-    todo = []
-    for run in runs:
-        status = store_obj.status(run.run_id)
-        if status == "success" or (status == "failed" and not retry_failed):
-            summary.skipped += 1
-            if status == "failed":
-                summary.failed.append(run.run_id)
-        else:
-            todo.append(run)
+    summary, todo = plan_runs(study, store_obj, retry_failed)
     dev = pick_device(device)
     owner = new_owner("local")
     seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
@@ -522,7 +528,10 @@ def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, s
     seed_everything(run.seed)
     backbone = build_classifier(run.model, len(splits.labels), run.train["pooling"], splits.labels)
     model = methods.load_weights(run.method, backbone, run_dir).to(dev).eval()
+    if run.train.get("merge_for_eval", True):  # predict as the run did (and as fast)
+        model = methods.merge_for_inference(run.method, model)
     p = Prepared(model=model, splits=splits, ids=ids, labels={split: torch.as_tensor(frame["label"].to_numpy())},
                  device=dev, pad_id=tokenizer.pad_token_id or 0)
-    probs = p.predict_split(split, run.train["eval_batch_size"], run.train["bf16"])
+    probs = p.predict_split(split, run.train["eval_batch_size"], run.train["bf16"] and bf16_supported(dev),
+                            run.train.get("max_tokens_per_batch"))
     return compute_metrics(frame["label"].to_numpy(), probs.numpy(), len(splits.labels))

@@ -115,6 +115,24 @@ def test_merged_lora_predicts_like_the_adapters_on_the_side(request, fixture, ti
     torch.testing.assert_close(p.predict_split("test", 16), side, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_roberta"])
+def test_lora_does_no_gradient_work_on_frozen_weights(request, fixture, tiny_data):
+    """LoRA is faster, not only smaller: no weight gradient of a frozen layer, and no embedding backward at all."""
+    from torch.profiler import profile
+
+    ops = {}
+    for method in ("full", "lora"):
+        p = prepare(request.getfixturevalue(fixture), tiny_data, method=method)
+        logits, _ = p.forward(("train", list(range(8))))
+        with profile() as prof:
+            logits.sum().backward()
+        ops[method] = {e.key: e.count for e in prof.key_averages()}
+        with_grad = {n for n, prm in p.model.named_parameters() if prm.grad is not None}
+        if method == "lora":
+            assert with_grad and all("lora_" in n or "modules_to_save" in n for n in with_grad)
+    assert ops["full"].get("aten::embedding_dense_backward") and not ops["lora"].get("aten::embedding_dense_backward")
+
+
 def test_bf16_autocast_trains_and_agrees_with_fp32_on_most_predictions(tiny_bert, tiny_data):
     p32 = fit(prepare(tiny_bert, tiny_data), epochs=3)
     probs32 = p32.predict_split("test", 16)
