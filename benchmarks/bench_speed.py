@@ -506,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "memory":
                 results["memory"] = section_memory(sizes)
             log(f"section {section} done in {time.perf_counter() - t:.0f}s")
+            print("\n" + report({section: results[section]}) + "\n", flush=True)  # nothing is lost if killed later
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=1, default=str))
     results["total_s"] = time.perf_counter() - started
     text = report(results)
     print("\n" + text)
