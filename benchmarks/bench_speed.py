@@ -11,7 +11,9 @@ Both train the same model on the same examples (peftbench's own splits, so the t
 learning rate, epochs, batch size, weight decay, schedule and clipping. Sections:
 
   notebook   (a) vs (b), full fine-tuning and LoRA r=8, on twitter_financial_news and banking77 with the packaged
-             MiniLM: training examples/s, evaluation examples/s, peak memory, validation accuracy, and ratios
+             MiniLM: training examples/s, evaluation examples/s, peak memory, validation accuracy, and ratios.
+             peftbench mean-pools MiniLM (as it was trained); extra "cls pooling" rows give it the notebook's own
+             [CLS]-pooler head, so their accuracy difference to the notebook is the fast paths' alone
   ablations  peftbench LoRA with one fast path switched off at a time (bf16, length buckets), full with the
              per-tensor AdamW instead of the fused one
   82m        a randomly initialised distilroberta-base-sized model (82M parameters): peftbench LoRA vs full step
@@ -21,17 +23,22 @@ learning rate, epochs, batch size, weight decay, schedule and clipping. Sections
   frozen     the frozen arm with cached encoder outputs vs recomputing the encoder every epoch: time and predictions
   memory     IMDB at 512 tokens: peak memory with and without max_tokens_per_batch (each in a fresh process, so
              one measurement does not inherit the other's heap)
+  compile    does torch.compile pay for itself? The LoRA training step (peftbench's batches, bf16 autocast, fused
+             AdamW) eager vs ``torch.compile(dynamic=True)`` on MiniLM and the distilroberta-sized model: compile
+             overhead, steady-state time per step, and the steps a run needs before compiling is a net gain
 
 Usage::
 
-    python benchmarks/bench_speed.py                      # everything, ~20-25 min on 2 idle CPU cores
+    python benchmarks/bench_speed.py                      # everything, ~25 min on 2 idle CPU cores
     python benchmarks/bench_speed.py --quick              # a 3-5 min check that every section runs
     python benchmarks/bench_speed.py --sections notebook,82m --json /tmp/bench.json
+    python benchmarks/bench_speed.py --sections notebook --datasets twitter_financial_news --epochs 3
 
 On a machine shared with other busy processes, the absolute numbers move with the load (recorded per measurement as
 the 1-minute load average); the ratios, measured back to back, move less. ``OMP_WAIT_POLICY`` is set to PASSIVE
 unless you set it: with the default policy, idle OpenMP threads spin, and on an oversubscribed machine every
-parallel region then waits for a descheduled thread (we measured 6-12x slower steps; see docs/benchmarks.md).
+parallel region then waits for a descheduled thread (on this project's busy 2-core machine, a demo LoRA run took
+340 s instead of 40 s; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -72,13 +79,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MINILM = "builtin:minilm"
 CPU = torch.device("cpu")
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
-SECTIONS = ("notebook", "ablations", "82m", "predict", "frozen", "memory")
+SECTIONS = ("notebook", "ablations", "82m", "predict", "frozen", "memory", "compile")
 
 # Default sizes (--quick divides them). One epoch each: the ratios do not depend on the number of epochs.
-SIZES = {"twitter_train": 2000, "banking_train": 1500, "val": 1000, "test": 300, "big_train": 384,
-         "frozen_train": 1000, "frozen_epochs": 10, "memory_train": 32}
-QUICK = {"twitter_train": 256, "banking_train": 192, "val": 128, "test": 64, "big_train": 64,
-         "frozen_train": 128, "frozen_epochs": 5, "memory_train": 16}
+SIZES = {"twitter_train": 2000, "banking_train": 1500, "ablation_train": 2000, "val": 1000, "test": 300,
+         "big_train": 384,
+         "frozen_train": 1000, "frozen_epochs": 10, "memory_train": 32, "compile_train": 2000}
+QUICK = {"twitter_train": 256, "banking_train": 192, "ablation_train": 256, "val": 128, "test": 64, "big_train": 64,
+         "frozen_train": 128, "frozen_epochs": 5, "memory_train": 16, "compile_train": 320}
 
 
 def log(msg: str) -> None:
@@ -206,17 +214,26 @@ def noise(a: dict, b: dict) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def section_notebook(sizes: dict, store: Path, epochs: int, lrs: dict) -> dict:
+NOTEBOOK_DATASETS = ("twitter_financial_news", "banking77")
+
+
+def section_notebook(sizes: dict, store: Path, epochs: int, lrs: dict, datasets: list[str]) -> dict:
+    """(a) vs (b). peftbench mean-pools MiniLM (how it was trained); the notebook's AutoModelForSequenceClassification
+    puts its head on the [CLS] pooler. The extra ``peftbench <method>, cls pooling`` rows use the notebook's own
+    head, so that their accuracy difference to the notebook is the fast paths' alone."""
     out = {}
-    for name, n_train in (("twitter_financial_news", sizes["twitter_train"]),
-                          ("banking77", sizes["banking_train"])):
-        spec = dataset_spec(name, n_train, sizes["val"], sizes["test"])
+    for name in datasets:
+        spec = dataset_spec(name, sizes["twitter_train" if name == "twitter_financial_news" else "banking_train"],
+                            sizes["val"], sizes["test"])
         rows = {}
         for method in ("full", "lora"):
             log(f"{name}: notebook {method}")
             rows[f"notebook {method}"] = notebook_run(MINILM, spec, method, lrs[method], epochs)
             log(f"{name}: peftbench {method}")
             rows[f"peftbench {method}"] = peftbench_run(MINILM, spec, method, lrs[method], epochs, store)
+            log(f"{name}: peftbench {method}, cls pooling")
+            rows[f"peftbench {method}, cls pooling"] = peftbench_run(MINILM, spec, method, lrs[method], epochs, store,
+                                                                     pooling="cls")
         nb_lora, pb_lora, nb_full, pb_full = (rows[k] for k in ("notebook lora", "peftbench lora", "notebook full",
                                                                "peftbench full"))
         out[name] = {
@@ -233,32 +250,38 @@ def section_notebook(sizes: dict, store: Path, epochs: int, lrs: dict) -> dict:
                 "peak memory: peftbench lora / notebook lora": pb_lora["peak_memory_mb"] / nb_lora["peak_memory_mb"],
                 "peak memory: peftbench full / notebook full": pb_full["peak_memory_mb"] / nb_full["peak_memory_mb"],
             },
-            "accuracy": {m: {"peftbench - notebook (points)": 100 * (rows[f"peftbench {m}"]["val_accuracy"]
-                                                                     - rows[f"notebook {m}"]["val_accuracy"]),
-                             "noise, 2 SE (points)": noise(rows[f"peftbench {m}"], rows[f"notebook {m}"])}
-                         for m in ("full", "lora")},
+            "accuracy": {f"{m}{head}": {
+                "peftbench - notebook (points)": 100 * (rows[f"peftbench {m}{head}"]["val_accuracy"]
+                                                        - rows[f"notebook {m}"]["val_accuracy"]),
+                "noise, 2 SE (points)": noise(rows[f"peftbench {m}{head}"], rows[f"notebook {m}"])}
+                for m in ("full", "lora") for head in ("", ", cls pooling")},
         }
     return out
 
 
-def section_ablations(sizes: dict, store: Path, epochs: int, lrs: dict, base: dict | None) -> dict:
-    """One fast path off at a time, against the default run (taken from the notebook section when it ran)."""
-    spec = dataset_spec("twitter_financial_news", sizes["twitter_train"], sizes["val"], sizes["test"])
-    rows = {}
-    base = base or {}
-    for label, method, train in (("lora", "lora", {}), ("lora, bf16 off", "lora", {"bf16": False}),
-                                 ("lora, length buckets off", "lora", {"length_buckets": False}),
-                                 ("lora, merge_for_eval off", "lora", {"merge_for_eval": False}),
-                                 ("full", "full", {}), ("full, fused AdamW off", "full", {"fused_optimizer": False})):
-        if label in ("lora", "full") and f"peftbench {method}" in base:
-            rows[label] = base[f"peftbench {method}"]
-            continue
-        log(f"ablation: peftbench {label}")
-        rows[label] = peftbench_run(MINILM, spec, method, lrs[method], epochs, store, **train)
-    ratios = {f"{label}: train ex/s vs default": rows[label]["train_examples_per_s"]
-              / rows[label.split(",")[0]]["train_examples_per_s"] for label in rows if "," in label}
-    ratios.update({f"{label}: eval ex/s vs default": rows[label]["eval_examples_per_s"]
-                   / rows[label.split(",")[0]]["eval_examples_per_s"] for label in rows if "," in label})
+ABLATIONS = (("lora", "bf16 off", {"bf16": False}), ("lora", "length buckets off", {"length_buckets": False}),
+             ("full", "fused AdamW off", {"fused_optimizer": False}))
+
+
+def section_ablations(sizes: dict, store: Path, epochs: int, lrs: dict) -> dict:
+    """One fast path off at a time, each against the default in ABBA order (default, off, off, default; seeds 0 and
+    1), so that a drift in the machine's load cancels. Validation accuracy: mean of the two seeds."""
+    spec = dataset_spec("twitter_financial_news", sizes["ablation_train"], sizes["val"], sizes["test"])
+    rows, ratios = {}, {}
+    for method, label, change in ABLATIONS:
+        runs = {"default": [], "off": []}
+        for seed, arm in enumerate(("default", "off", "off", "default")):
+            log(f"ablation {label}: peftbench {method} {'default' if arm == 'default' else label} (seed {seed // 2})")
+            runs[arm].append(peftbench_run(MINILM, spec, method, lrs[method], epochs, store, seed=seed // 2,
+                                           **(change if arm == "off" else {})))
+        for arm, rs in runs.items():
+            rows[f"{method}, {label}" if arm == "off" else f"{method} (next to: {label})"] = {
+                **rs[0], **{k: float(np.mean([r[k] for r in rs])) for k in
+                            ("train_examples_per_s", "eval_examples_per_s", "peak_memory_mb", "val_accuracy")}}
+        mean = {arm: float(np.mean([r["train_examples_per_s"] for r in rs])) for arm, rs in runs.items()}
+        ratios[f"{method}: default / {label}, train ex/s"] = mean["default"] / mean["off"]
+        ratios[f"{method}: default - {label}, val acc (points, mean of 2 seeds)"] = 100 * (
+            np.mean([r["val_accuracy"] for r in runs["default"]]) - np.mean([r["val_accuracy"] for r in runs["off"]]))
     return {"rows": rows, "ratios": ratios}
 
 
@@ -280,15 +303,20 @@ def section_82m(sizes: dict, store: Path, lrs: dict) -> dict:
     spec = dataset_spec("twitter_financial_news", sizes["big_train"], 64, 64)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_distilroberta_sized(Path(tmp) / "distilroberta-sized")
-        runs = {"full": [], "lora": []}
-        for i, method in enumerate(("full", "lora", "lora", "full")):  # ABBA: a linear drift in load cancels
-            log(f"82M: peftbench {method} ({i + 1}/4)")
-            runs[method].append(peftbench_run(str(folder), spec, method, lrs[method], 1, store, seed=i))  # own id
-    mean = {m: float(np.mean([r["train_examples_per_s"] for r in rs])) for m, rs in runs.items()}
+        runs = {"full": [], "lora": [], "full, fused AdamW off": []}
+        # ABBA (full, lora, lora, full): a linear drift in load cancels; then the per-tensor AdamW between two fused
+        order = ("full", "lora", "lora", "full", "full, fused AdamW off", "full")
+        for i, arm in enumerate(order):
+            log(f"82M: peftbench {arm} ({i + 1}/{len(order)})")
+            method, change = arm.split(",")[0], ({"fused_optimizer": False} if "off" in arm else {})
+            runs[arm].append(peftbench_run(str(folder), spec, method, lrs[method], 1, store, seed=i, **change))
+    speed = {arm: [r["train_examples_per_s"] for r in rs] for arm, rs in runs.items()}
+    mean = {"full": float(np.mean(speed["full"][:2])), "lora": float(np.mean(speed["lora"]))}
     return {"runs": runs, "train_examples_per_s": mean, "parameters": runs["full"][0]["params"],
             "ratios": {"train: lora / full": mean["lora"] / mean["full"],
-                       "per adjacent pair": [runs["lora"][i]["train_examples_per_s"] / runs["full"][i][
-                           "train_examples_per_s"] for i in range(2)]}}
+                       "per adjacent pair": [speed["lora"][i] / speed["full"][i] for i in range(2)],
+                       "train: fused / per-tensor AdamW (full)": float(np.mean(speed["full"][1:]))
+                       / speed["full, fused AdamW off"][0]}}
 
 
 def section_predict(sizes: dict, rounds: int) -> dict:
@@ -376,6 +404,59 @@ def section_memory(sizes: dict) -> dict:
                                      r["peak_rss_mb"] / rows[0]["peak_rss_mb"] for r in rows[1:]}}
 
 
+def section_compile(sizes: dict) -> dict:
+    """The same LoRA training steps eager and compiled, each from the same initial weights, on MiniLM and on the
+    distilroberta-sized model (the shipped studies' size class)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        big = make_distilroberta_sized(Path(tmp) / "distilroberta-sized")
+        return {name: compile_loop(model, sizes) for name, model in (("MiniLM", MINILM), ("82M", str(big)))}
+
+
+def compile_loop(model_name: str, sizes: dict) -> dict:
+    from peftbench.data import collate, make_batches
+
+    spec = dataset_spec("twitter_financial_news", sizes["compile_train"], 64, 64)
+    splits = get_splits(spec)
+    tokenizer = load_tokenizer(model_name)
+    ids = tokenize(splits.train["text"].tolist(), tokenizer, 128)
+    y = torch.tensor(splits.train["label"].to_numpy())
+    batches = make_batches([len(x) for x in ids], 32, True, 0)
+    bf16 = bf16_supported(CPU)
+    set_threads()
+    out = {}
+    for mode in ("eager", "compiled"):
+        log(f"compile: LoRA training loop, {mode}, {len(batches)} steps")
+        torch.manual_seed(0)
+        model = methods.prepare("lora", build_classifier(model_name, len(splits.labels)),
+                                {**LORA, "target_modules": "auto", "bias": "none"}).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-3, fused=True)
+        forward = torch.compile(model, dynamic=True) if mode == "compiled" else model
+        marks, t0 = [], time.perf_counter()
+        for b in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(**collate(ids, b, tokenizer.pad_token_id)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), y[b])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            marks.append(time.perf_counter() - t0)
+        half = len(marks) // 2
+        steady = (marks[-1] - marks[half - 1]) / (len(marks) - half)  # second half: compiled for most lengths
+        out[mode] = {"first_step_s": marks[0], "total_s": marks[-1], "steady_ms_per_step": 1000 * steady,
+                     "final_loss": loss.item()}
+        torch._dynamo.reset()
+    e, c = out["eager"], out["compiled"]
+    saved = (e["steady_ms_per_step"] - c["steady_ms_per_step"]) / 1000
+    overhead = c["total_s"] - len(batches) * c["steady_ms_per_step"] / 1000 \
+        - (e["total_s"] - len(batches) * e["steady_ms_per_step"] / 1000)
+    return {"steps": len(batches), "bf16": bf16, "rows": out,
+            "ratios": {"steady-state step: eager / compiled": e["steady_ms_per_step"] / c["steady_ms_per_step"],
+                       "whole loop: eager / compiled": e["total_s"] / c["total_s"]},
+            "compile overhead s (beyond steady-state steps)": overhead,
+            "break-even steps per run": overhead / saved if saved > 0 else math.inf}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------------
@@ -443,6 +524,14 @@ def report(results: dict) -> str:
         out += [f"| {r['max_tokens_per_batch']} | {r['peak_rss_mb']:.0f} | {r['train_examples_per_s']:.1f} | "
                 f"{r['split_steps']} |" for r in sec["rows"]]
         out += ["", ratios(sec["ratios"]), ""]
+    for model, sec in results.get("compile", {}).items():
+        out += [f"### torch.compile: LoRA training loop on {model} ({sec['steps']} steps, bf16={sec['bf16']})", "",
+                "| | first step s | whole loop s | steady ms/step |", "|---|---|---|---|"]
+        out += [f"| {k} | {r['first_step_s']:.1f} | {r['total_s']:.1f} | {r['steady_ms_per_step']:.0f} |"
+                for k, r in sec["rows"].items()]
+        out += ["", ratios(sec["ratios"]),
+                f"- compile overhead: {sec['compile overhead s (beyond steady-state steps)']:.1f} s; it pays for "
+                f"itself after **{sec['break-even steps per run']:.0f}** steps of a run", ""]
     return "\n".join(out)
 
 
@@ -461,9 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: checks every section runs (3-5 min)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    ap.add_argument("--datasets", default=",".join(NOTEBOOK_DATASETS),
+                    help="datasets of the notebook section (comma-separated)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the notebook-vs-peftbench and ablation runs")
-    ap.add_argument("--lr-full", type=float, default=5e-5, help="learning rate of full fine-tuning (both recipes)")
-    ap.add_argument("--lr-lora", type=float, default=5e-4, help="learning rate of LoRA (both recipes)")
+    ap.add_argument("--lr-full", type=float, default=1e-4, help="learning rate of full fine-tuning (both recipes)")
+    ap.add_argument("--lr-lora", type=float, default=2e-3, help="learning rate of LoRA (both recipes; one epoch of "
+                    "2,000 examples needs a high one to move off the majority class)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the prediction measurement")
     ap.add_argument("--json", type=Path, help="also write every number to this JSON file")
     ap.add_argument("--probe-memory", help=argparse.SUPPRESS)
@@ -482,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if set(datasets) - set(NOTEBOOK_DATASETS):
+        ap.error(f"unknown dataset(s) for --datasets: {', '.join(sorted(set(datasets) - set(NOTEBOOK_DATASETS)))}")
     lrs = {"full": args.lr_full, "lora": args.lr_lora}
     started = time.perf_counter()
     results: dict = {"machine": machine(), "command": " ".join([Path(sys.executable).name] + sys.argv),
@@ -493,10 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         for section in wanted:
             t = time.perf_counter()
             if section == "notebook":
-                results["notebook"] = section_notebook(sizes, store, args.epochs, lrs)
+                results["notebook"] = section_notebook(sizes, store, args.epochs, lrs, datasets)
             elif section == "ablations":
-                base = results.get("notebook", {}).get("twitter_financial_news", {}).get("rows")
-                results["ablations"] = section_ablations(sizes, store, args.epochs, lrs, base)
+                results["ablations"] = section_ablations(sizes, store, args.epochs, lrs)
             elif section == "82m":
                 results["82m"] = section_82m(sizes, store, lrs)
             elif section == "predict":
@@ -505,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["frozen"] = section_frozen(sizes, store)
             elif section == "memory":
                 results["memory"] = section_memory(sizes)
+            elif section == "compile":
+                results["compile"] = section_compile(sizes)
             log(f"section {section} done in {time.perf_counter() - t:.0f}s")
             print("\n" + report({section: results[section]}) + "\n", flush=True)  # nothing is lost if killed later
             if args.json:

@@ -246,7 +246,6 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
 
 def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
     out: list[tuple] = []
-    labels = g["labels"]
     by_length = g["by_length"]
     out.append(("h", level, "Error rate by text length"))
     if len(by_length):
