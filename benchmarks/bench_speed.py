@@ -29,8 +29,8 @@ learning rate, epochs, batch size, weight decay, schedule and clipping. Sections
 
 Usage::
 
-    python benchmarks/bench_speed.py                      # everything, ~25 min on 2 idle CPU cores
-    python benchmarks/bench_speed.py --quick              # a 3-5 min check that every section runs
+    python benchmarks/bench_speed.py                      # everything, ~30 min on 2 idle CPU cores
+    python benchmarks/bench_speed.py --quick              # a ~10 min check that every section runs
     python benchmarks/bench_speed.py --sections notebook,82m --json /tmp/bench.json
     python benchmarks/bench_speed.py --sections notebook --datasets twitter_financial_news --epochs 3
 
@@ -548,7 +548,7 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks every section runs (3-5 min)")
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks every section runs (~10 min)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     ap.add_argument("--datasets", default=",".join(NOTEBOOK_DATASETS),
                     help="datasets of the notebook section (comma-separated)")
