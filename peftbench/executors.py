@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from peftbench.config import RunConfig, Study
-from peftbench.runner import StudySummary, environment_base, execute_run, pick_device, plan_runs
+from peftbench.runner import StudySummary, account_result, environment_base, execute_run, pick_device, plan_runs
 from peftbench.store import HEARTBEAT_S, HOST, Store, write_json
 
 
@@ -51,31 +51,36 @@ def heartbeat(store: Store, run_id: str, owner: str, every_s: float = HEARTBEAT_
         thread.join()
 
 
+@contextmanager
+def holding(store: Store, run_id: str, owner: str, seen: Any):
+    """Yields True when this runner may write the run: it got the run's claim, and the run's ``result.json`` is as it
+    was when we planned (``seen`` is ``store.stamp(run_id)`` then), i.e. no other runner finished it meanwhile.
+    A claim taken is released on leaving the block."""
+    if not store.claim(run_id, owner):
+        yield False
+        return
+    try:
+        yield store.stamp(run_id) == seen
+    finally:
+        store.release(run_id, owner)
+
+
 def execute_claimed(run: RunConfig, store: Store, device, owner: str, seen: Any = None,
                     position: int = 1) -> dict[str, Any] | None:
-    """:func:`~peftbench.runner.execute_run` under the run's claim.
-
-    Returns None, running nothing, when the run is not ours to run: another live runner holds its claim, or its
-    ``result.json`` changed since we planned (``seen`` is ``store.stamp(run_id)`` at planning time), i.e. another runner
-    finished it meanwhile."""
-    if not store.claim(run.run_id, owner):
-        return None
-    try:
-        if store.stamp(run.run_id) != seen:
+    """:func:`~peftbench.runner.execute_run` under the run's claim; None, running nothing, when the run is not ours
+    to run (another live runner holds it, or finished it since we planned: see :func:`holding`)."""
+    with holding(store, run.run_id, owner, seen) as ours:
+        if not ours:
             return None
         with heartbeat(store, run.run_id, owner):
             return execute_run(run, store, device, position)
-    finally:
-        store.release(run.run_id, owner)
 
 
 def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: str) -> dict[str, Any] | None:
     """Store a failed result for a run whose worker died on every attempt (so ``ls`` and reports show it).
     Nothing is written (None) when another runner has taken the run over or finished it."""
-    if not store.claim(run.run_id, owner):
-        return None
-    try:
-        if store.stamp(run.run_id) != seen:
+    with holding(store, run.run_id, owner, seen) as ours:
+        if not ours:
             return None
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         result = {"run_id": run.run_id, "status": "failed", "error": error, "config": run.to_dict(),
@@ -85,8 +90,6 @@ def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: 
         write_json(tmp / "result.json", result)
         store.commit(run.run_id, tmp)
         return result
-    finally:
-        store.release(run.run_id, owner)
 
 
 def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen: Any,
@@ -148,7 +151,7 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
                 except ray.exceptions.RayError as e:  # the worker (or its node) died on every attempt
                     error = f"worker died on each of {max_retries + 1} attempts ({_one_line(e)})"
                     result = record_lost_run(run, store_obj, owner, seen[run.run_id], error)
-                _account(summary, run, result, store_obj)
+                account_result(summary, run, result, store_obj)
                 bar.update(1)
             claims = store_obj.claims()
             running = sum(claims.get(r.run_id, {}).get("owner") == owner for r in pending.values())
@@ -163,29 +166,6 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
         if started_here:
             ray.shutdown()
     return summary
-
-
-def _account(summary: StudySummary, run: RunConfig, result: dict[str, Any] | None, store: Store) -> None:
-    """Count one returned run and print one line about it (the same lines as the local executor)."""
-    if result is None:
-        if store.status(run.run_id) is None:
-            summary.claimed.append(run.run_id)
-            holder = (store.claim_info(run.run_id) or {}).get("owner")
-            tqdm.write(f"skip   {run.label}: held by another runner ({holder})")
-        else:
-            summary.skipped += 1
-            if store.status(run.run_id) == "failed":
-                summary.failed.append(run.run_id)
-        return
-    summary.done += 1
-    if result["status"] == "failed":
-        summary.failed.append(run.run_id)
-        tqdm.write(f"FAILED {run.label}: {result['error']}")
-    else:
-        costs = result.get("costs") or {}
-        speed = costs.get("train_examples_per_s")
-        tqdm.write(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
-                   f"{costs.get('train_time_s', 0):.1f}s train" + (f", {speed:.0f} ex/s" if speed else ""))
 
 
 def _one_line(e: BaseException) -> str:

@@ -438,6 +438,31 @@ def plan_runs(study: Study, store: Store, retry_failed: bool = True) -> tuple["S
     return summary, todo
 
 
+def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, Any] | None, store: Store,
+                   tail: str = "") -> None:
+    """Count one returned run in ``summary`` and print one line about it (both executors). ``result`` None: another
+    runner holds the run, or finished it since we looked. ``tail`` ends the line of a finished run (the study ETA)."""
+    if result is None:
+        if store.status(run.run_id) is None:
+            summary.claimed.append(run.run_id)
+            holder = (store.claim_info(run.run_id) or {}).get("owner")
+            tqdm.write(f"skip   {run.label}: held by another runner" + (f" ({holder})" if holder else ""))
+        else:
+            summary.skipped += 1
+            if store.status(run.run_id) == "failed":
+                summary.failed.append(run.run_id)
+        return
+    summary.done += 1
+    if result["status"] == "failed":
+        summary.failed.append(run.run_id)
+        tqdm.write(f"FAILED {run.label}: {result['error']}")
+        return
+    costs = result.get("costs") or {}
+    speed = costs.get("train_examples_per_s")
+    tqdm.write(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
+               f"{costs.get('train_time_s', 0):.1f}s train" + (f", {speed:.0f} ex/s" if speed else "") + tail)
+
+
 def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
               retry_failed: bool = True) -> StudySummary:
     """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
@@ -464,25 +489,7 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
         done_work += work[run.run_id]
         left = total_work - done_work
         eta = f"; study ETA {tqdm.format_interval((time.perf_counter() - started) / done_work * left)}" if left else ""
-        if result is None:  # another runner holds it, or finished it since we looked
-            if store_obj.status(run.run_id) is None:
-                summary.claimed.append(run.run_id)
-                tqdm.write(f"skip   {run.label}: held by another runner")
-            else:
-                summary.skipped += 1
-                if store_obj.status(run.run_id) == "failed":
-                    summary.failed.append(run.run_id)
-            continue
-        summary.done += 1
-        costs = result.get("costs") or {}
-        if result["status"] == "failed":
-            summary.failed.append(run.run_id)
-            tqdm.write(f"FAILED {run.label}: {result['error']}")
-        else:
-            acc = result["metrics"]["test"]["accuracy"]
-            speed = costs.get("train_examples_per_s")
-            tqdm.write(f"done   {run.label}: test acc {acc:.4f}, "
-                       f"{costs['train_time_s']:.1f}s train" + (f", {speed:.0f} ex/s" if speed else "") + eta)
+        account_result(summary, run, result, store_obj, eta)
     bar.close()
     return summary
 

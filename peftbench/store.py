@@ -163,13 +163,9 @@ class Store:
                 lock.unlink(missing_ok=True)
             return False
         try:
-            try:
-                mtime = path.stat().st_mtime
-            except FileNotFoundError:
-                return True
-            if not _claim_is_stale(self.claim_info(run_id), mtime, timeout_s):
+            if self.claimed(run_id, timeout_s):
                 return False
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # stale, or already gone
             return True
         finally:
             os.close(fd)
