@@ -60,14 +60,18 @@ def fused_adamw_available(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   fused: bool = True) -> torch.optim.AdamW:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: no weight decay on biases and LayerNorm weights."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=fused and fused_adamw_available(device))
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   fused: bool = True) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused and fused_adamw_available(device))
 
 
 @functools.lru_cache(maxsize=None)

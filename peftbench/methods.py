@@ -421,15 +421,6 @@ class OrthRegAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The training loop's AdamW groups: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(method: str, model: nn.Module, params: dict[str, Any], train: dict[str, Any],
                    device: torch.device) -> torch.optim.Optimizer | None:
     """The method's own optimizer, or None for the training loop's AdamW.
@@ -437,8 +428,12 @@ def make_optimizer(method: str, model: nn.Module, params: dict[str, Any], train:
     - ``loraplus``: peft's ``create_loraplus_optimizer`` (AdamW; B matrices, and as in peft every 1-D parameter such
       as biases, at ``loraplus_lr_ratio`` × lr; weight decay as ``train.weight_decay``).
     - ``adalora``: AdamW with the orthogonal regulariser's gradient added (``OrthRegAdamW``).
+
+    Both use the fused AdamW kernel as the loop's own optimizer does (``train.fused_optimizer``).
     """
-    fused = device.type == "cuda"
+    from peftbench.engine import fused_adamw_available, param_groups
+
+    fused = train.get("fused_optimizer", True) and fused_adamw_available(device)
     if method == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
 
@@ -446,7 +441,7 @@ def make_optimizer(method: str, model: nn.Module, params: dict[str, Any], train:
                                          loraplus_lr_ratio=params["loraplus_lr_ratio"],
                                          loraplus_weight_decay=train["weight_decay"], fused=fused)
     if method == "adalora":
-        return OrthRegAdamW(_param_groups(model, train["weight_decay"]), model=model,
+        return OrthRegAdamW(param_groups(model, train["weight_decay"]), model=model,
                             orth_reg_weight=params["orth_reg_weight"], lr=train["lr"], fused=fused)
     return None
 

@@ -81,6 +81,16 @@ def test_loraplus_optimizer_gives_b_a_higher_learning_rate(tiny_bert):
     assert methods.make_optimizer("lora", model, {}, {"lr": 1e-3, "weight_decay": 0.0}, torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("method,params", [("loraplus", {"loraplus_lr_ratio": 8.0}),
+                                           ("adalora", {"init_r": 6, "target_r": 2, "orth_reg_weight": 0.5})])
+def test_method_optimizers_follow_the_fused_optimizer_switch(tiny_bert, method, params):
+    _, model, _ = prepared(tiny_bert, method, params, total_steps=20)
+    for fused in (True, False):
+        opt = methods.make_optimizer(method, model, params, {"lr": 1e-3, "weight_decay": 0.0,
+                                                             "fused_optimizer": fused}, torch.device("cpu"))
+        assert bool(opt.defaults.get("fused")) is fused
+
+
 def test_adalora_count_and_its_step_hook(tiny_bert):
     backbone, model, counts = prepared(tiny_bert, "adalora", {"init_r": 6, "target_r": 2}, total_steps=20)
     # per matrix: A (init_r × d_in) + B (d_out × init_r) + E (init_r)
