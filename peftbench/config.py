@@ -105,9 +105,10 @@ REPORT_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "margin": (float, 1.0, "non-inferiority margin in points of the headline metric"),
 }
 
-_METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
-            "recall_macro", "roc_auc")
-REPORT_CHOICES = {"metric": _METRICS, "selection_metric": _METRICS + ("loss",)}
+# The test metrics every run stores (evaluate.compute_metrics), in the report's column order.
+METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
+           "recall_macro", "roc_auc")
+REPORT_CHOICES = {"metric": METRICS, "selection_metric": METRICS + ("loss",)}
 
 STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report"}
 ARM_FIXED_FIELDS = {"method", "name"}
@@ -399,6 +400,8 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     for key, choices in REPORT_CHOICES.items():
         if report[key] not in choices:
             raise ConfigError(f"{where}: report.{key}: expected one of {', '.join(choices)}, got {report[key]!r}")
+    if not report["margin"] >= 0:
+        raise ConfigError(f"{where}: report.margin: expected a number of points >= 0, got {report['margin']!r}")
 
     raw_arms = raw.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from peftbench import config
+
 ARM_KEY = ["model", "dataset", "arm"]
-METRICS = ["accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
-           "recall_macro", "roc_auc"]
+METRICS = list(config.METRICS)
 PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "params_base_model",
           "params_trainable_pct"]
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes"]
