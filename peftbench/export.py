@@ -79,21 +79,29 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if result.get("status") != "success":
         raise ConfigError(f"{run_dir}: the run did not finish successfully ({result.get('error')})")
     if methods.is_baseline(run.method):
-        raise ConfigError(f"{run_dir}: a {run.method} baseline run has no model to export or predict with")
+        raise ConfigError(f"{run_dir}: a {run.method} baseline run has no model to load (evaluate, export, predict)")
     return run, result
 
 
-def load_trained(run_dir: str | Path, merge: bool = True) -> tuple[nn.Module, RunConfig, dict[str, Any], str]:
-    """Rebuild a run's trained model (adapters merged unless ``merge`` is False); returns (model, run, result,
-    pooling)."""
-    run, result = read_run(run_dir)
+def rebuild_model(run: RunConfig, result: dict[str, Any], run_dir: str | Path, merge: bool = True
+                  ) -> tuple[nn.Module, str]:
+    """A run's trained model from its folder (adapters merged unless ``merge`` is False), in eval mode; returns
+    (model, pooling)."""
     pooling = result.get("pooling") or run.train.get("pooling", "auto")
     torch.manual_seed(run.seed)
     backbone = build_classifier(run.model, len(result["labels"]), pooling, result["labels"])
     model = methods.load_weights(run.method, backbone, Path(run_dir))
     if merge:
         model = methods.merge_for_inference(run.method, model)
-    return model.eval(), run, result, backbone.pooling
+    return model.eval(), backbone.pooling
+
+
+def load_trained(run_dir: str | Path, merge: bool = True) -> tuple[nn.Module, RunConfig, dict[str, Any], str]:
+    """Read and rebuild a finished run (see :func:`read_run`, :func:`rebuild_model`); returns (model, run, result,
+    pooling)."""
+    run, result = read_run(run_dir)
+    model, pooling = rebuild_model(run, result, run_dir, merge)
+    return model, run, result, pooling
 
 
 def _label_config(config, labels: list[str]) -> None:
@@ -113,7 +121,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: already exists and is not an empty folder")
     peft_adapter = methods.is_peft(run.method) and not merge
-    model, run, result, pooling = load_trained(run_dir, merge=not peft_adapter)
+    model, pooling = rebuild_model(run, result, run_dir, merge=not peft_adapter)
     labels = result["labels"]
     tokenizer = load_tokenizer(run.model)
     tokenizer.model_max_length = run.train["max_length"]

@@ -505,25 +505,17 @@ def check_study_inputs(study: Study) -> None:
             raise ConfigError(str(e)) from None
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
-    return RunConfig.from_dict(json.loads(path.read_text()))
-
-
 def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, split: str = "test",
                    device: str = "auto") -> dict[str, Any]:
     """Evaluate a stored run's weights on ``split`` of ``dataset`` (default: the run's own dataset).
 
     ``run_dir`` may also be the run's ``adapter/`` folder."""
+    from peftbench.export import read_run, rebuild_model
+
     run_dir = Path(run_dir)
     if (run_dir / "adapter_config.json").is_file() and (run_dir.parent / "config.json").is_file():
         run_dir = run_dir.parent
-    run = load_run_config(run_dir)
-    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else {}
-    if result.get("status") != "success":
-        raise ConfigError(f"{run_dir}: the run did not finish successfully ({result.get('error')})")
+    run, result = read_run(run_dir)
     splits = get_splits(dataset or run.dataset)
     if splits.labels != result["labels"]:
         raise ConfigError(f"dataset labels {splits.labels} differ from the labels the run was trained on "
@@ -532,11 +524,9 @@ def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, s
     tokenizer = load_tokenizer(run.model)
     frame = getattr(splits, split)
     ids = {split: tokenize(frame["text"].tolist(), tokenizer, run.train["max_length"])}
-    seed_everything(run.seed)
-    backbone = build_classifier(run.model, len(splits.labels), run.train["pooling"], splits.labels)
-    model = methods.load_weights(run.method, backbone, run_dir).to(dev).eval()
-    if run.train.get("merge_for_eval", True):  # predict as the run did (and as fast)
-        model = methods.merge_for_inference(run.method, model)
+    # merged as the run predicted (and as fast)
+    model, _ = rebuild_model(run, result, run_dir, merge=run.train.get("merge_for_eval", True))
+    model = model.to(dev)
     p = Prepared(model=model, splits=splits, ids=ids, labels={split: torch.as_tensor(frame["label"].to_numpy())},
                  device=dev, pad_id=tokenizer.pad_token_id or 0)
     probs = p.predict_split(split, run.train["eval_batch_size"], run.train["bf16"] and bf16_supported(dev),
