@@ -245,13 +245,12 @@ def _prepare_adalora(backbone, params, total_steps: int | None = None, **_) -> n
 def resolve_ia3_targets(backbone, params) -> tuple[list[str], list[str]]:
     """(IA)³ ``target_modules`` and ``feedforward_modules``: ``auto`` → the architecture's default; names are
     suffixes of linear-layer paths (``output.dense``); the feed-forward ones must be among the targets."""
-    from peftbench.models import HEAD_MODULES
+    from peftbench.models import encoder_linear_paths, matches_target
 
-    linear = [n for n, m in backbone.model.named_modules() if isinstance(m, nn.Linear)
-              and not any(part in HEAD_MODULES for part in n.split("."))]
+    linear = encoder_linear_paths(backbone.model)
 
     def matches(t: str) -> bool:
-        return any(n == t or n.endswith("." + t) for n in linear)
+        return any(matches_target(n, t) for n in linear)
 
     def as_list(value):  # a study's single name arrives as a string (see docs/methods.md on lists of names)
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value

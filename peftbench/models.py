@@ -158,6 +158,17 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [h for h in HEAD_MODULES if h in names]
 
 
+def matches_target(path: str, target: str) -> bool:
+    """peft's rule: a module matches a target name when its path is the name or ends with ``.name``."""
+    return path == target or path.endswith("." + target)
+
+
+def encoder_linear_paths(model: nn.Module) -> list[str]:
+    """Paths of the nn.Linear layers outside the classification head (no path part is a head module)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n and not any(part in HEAD_MODULES for part in n.split("."))]
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the nn.Linear layers in the encoder (the valid LoRA target names)."""
     return sorted({n.split(".")[-1] for n, m in model.named_modules()

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftbench.models import encoder_linear_paths, matches_target
+
 ENERGY = 0.9  # share of the squared spectrum the effective rank must hold
 TOP = 64  # singular values stored per matrix
 
@@ -71,23 +73,13 @@ def stable_rank(singular_values: torch.Tensor | np.ndarray) -> float:
     return float((s**2).sum() / s[0] ** 2)
 
 
-def _matches(name: str, target: str) -> bool:
-    """peft's rule: a module matches a target name when its path is the name or ends with ``.name``."""
-    return name == target or name.endswith("." + target)
-
-
 def snapshot(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
     """CPU copies of the pretrained weights of the nn.Linear layers matching ``targets`` (path → weight).
 
     Take it before a method wraps or rewrites the model; only the target matrices are copied."""
-    from peftbench.models import HEAD_MODULES
-
-    out = {}
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.Linear) and any(_matches(name, t) for t in targets)
-                and not any(part in HEAD_MODULES for part in name.split("."))):
-            out[name] = module.weight.detach().to("cpu", copy=True)
-    return out
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.detach().to("cpu", copy=True) for name in encoder_linear_paths(model)
+            if any(matches_target(name, t) for t in targets)}
 
 
 def _find(model: nn.Module, name: str) -> nn.Module | None:
@@ -125,7 +117,7 @@ def layer_spectra(model: nn.Module, pretrained: dict[str, torch.Tensor], targets
         delta = effective_weight(module) - before
         s = torch.linalg.svdvals(delta)
         fro = float(torch.sqrt((s**2).sum()))
-        module_name = next((t for t in (targets or []) if _matches(name, t)), name.split(".")[-1])
+        module_name = next((t for t in (targets or []) if matches_target(name, t)), name.split(".")[-1])
         rows.append({"name": name, "layer": _layer_index(name), "module": module_name, "shape": list(delta.shape),
                      "singular_values": [float(v) for v in s[:top]], "effective_rank_90": effective_rank(s, energy),
                      "stable_rank": stable_rank(s), "fro_norm": fro,
