@@ -1,5 +1,6 @@
-"""Baseline arms that are not fine-tuned transformers: ``tfidf`` (scikit-learn TF-IDF + logistic regression) and
-``llm`` (a chat-completions model asked zero- or few-shot, see :mod:`peftbench.llm`).
+"""Baseline arms that are not fine-tuned transformers: ``majority`` (always the training split's most frequent class,
+scikit-learn's ``DummyClassifier``), ``tfidf`` (scikit-learn TF-IDF + logistic regression) and ``llm`` (a
+chat-completions model asked zero- or few-shot, see :mod:`peftbench.llm`).
 
 Both return a :class:`BaselineResult` — hard predictions (and probabilities where the method has them), parameter
 counts, costs and extra info — which the runner stores like any other run; metrics come from
@@ -57,7 +58,7 @@ LLM_PARAMS: dict[str, tuple[Any, Any, str]] = {
     "max_test": ("int?", None, "classify a stratified subsample of this many test texts (fixed across seeds)"),
 }
 
-BASELINE_PARAMS = {"tfidf": TFIDF_PARAMS, "llm": LLM_PARAMS}
+BASELINE_PARAMS = {"majority": {}, "tfidf": TFIDF_PARAMS, "llm": LLM_PARAMS}
 CHOICES = {"truncate_side": ("first", "last")}
 MINIMUM = {"max_features": 1, "ngram_max": 1, "min_df": 1, "shots": 0, "batch_size": 1, "truncate": 0,
            "max_concurrency": 1, "max_retries": 0, "max_test": 1}
@@ -108,11 +109,45 @@ def run_baseline(method: str, params: dict[str, Any], splits: Splits, seed: int,
     ``cache_dir`` holds the LLM response cache (``cache_dir/llm/``); a re-run with the same settings sends nothing.
     """
     params = resolve_params(method, params)
+    if method == "majority":
+        return run_majority(splits)
     if method == "tfidf":
         return run_tfidf(params, splits, seed)
     if method == "llm":
         return run_llm(params, splits, seed, Path(cache_dir) / "llm")
     raise ValueError(f"unknown baseline method {method!r} (expected one of {', '.join(BASELINE_PARAMS)})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Majority class
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_majority(splits: Splits) -> BaselineResult:
+    """Always predict the training split's most frequent class (ties: the lowest id), with the training class shares
+    as probabilities (``DummyClassifier(strategy="prior")``): the floor every trained arm must clear."""
+    from sklearn.dummy import DummyClassifier
+
+    n_labels = len(splits.labels)
+    start = time.perf_counter()
+    dummy = DummyClassifier(strategy="prior").fit(np.zeros((len(splits.train), 1)), splits.train["label"].to_numpy())
+    train_time = time.perf_counter() - start
+
+    def probs(n: int) -> np.ndarray:
+        out = np.zeros((n, n_labels))
+        out[:, dummy.classes_] = dummy.predict_proba(np.zeros((n, 1)))
+        return out
+
+    val_probs, test_probs = probs(len(splits.validation)), probs(len(splits.test))
+    n_train = len(splits.train)
+    return BaselineResult(
+        preds=test_probs.argmax(1), probs=test_probs, val_preds=val_probs.argmax(1), val_probs=val_probs,
+        params={"base_model": 0, "total": 0, "trainable": 0, "adapter": 0, "head": 0, "encoder_trainable": 0,
+                "trainable_pct": None},
+        costs={"train_time_s": train_time, "train_examples": n_train, "train_examples_per_s": None,
+               "eval_time_s": 0.0, "eval_examples_per_s": None, "model_size_bytes": 0},
+        info={"majority_class": splits.labels[int(test_probs[0].argmax())] if len(test_probs) else None,
+              "class_prior": dummy.class_prior_.tolist()})
 
 
 # --------------------------------------------------------------------------------------------------------------------

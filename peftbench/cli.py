@@ -1,6 +1,8 @@
 """The ``peftbench`` command: subcommands map straight onto plain functions.
 
     peftbench run [STUDY.toml] [--store DIR] [--set KEY=VALUE ...]   # no STUDY: the built-in offline demo
+    peftbench run STUDY.toml --until-decided --max-seeds 10            # add seeds until every verdict is decided
+    peftbench plan [STORE or STUDY.toml]                               # seeds / test examples that would decide
     peftbench validate STUDY.toml                                      # expand and check, train nothing
     peftbench ls [STORE]                                               # runs with status and key metrics
     peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
@@ -85,35 +87,82 @@ def cmd_validate(args) -> int:
 
 
 def _run(study, args) -> int:
-    from peftbench.runner import check_study_inputs, run_study, set_threads
+    from peftbench.runner import check_study_inputs, set_threads
 
+    until = getattr(args, "until_decided", False)
+    if until:
+        from peftbench import sequential
+
+        sequential.check(study, args.max_seeds, args.seed_step)  # bad settings stop here, before anything runs
+    elif getattr(args, "max_seeds", None) is not None:
+        raise ConfigError("--max-seeds: only with --until-decided")
     check_study_inputs(study)
-    if getattr(args, "executor", "local") == "ray":
+    executor = getattr(args, "executor", "local")
+    if executor == "ray":
         try:
             import ray  # noqa: F401
-
-            from peftbench.executors import run_ray
         except ImportError:
             raise ConfigError("--executor ray needs Ray: pip install 'peftbench[ray]'") from None
-        summary = run_ray(study, args.store, device=args.device, retry_failed=not args.no_retry_failed,
-                          address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                          max_retries=args.max_retries)
     else:
         set_threads()  # this process's torch threads = its cores (Ray workers get cpus_per_run instead)
-        summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed)
-    print(f"\n{len(summary.run_ids)} runs ({summary.done} trained now, {summary.skipped} already done"
-          + (f", {len(summary.claimed)} left to another runner" if summary.claimed else "")
-          + f") in {summary.store.resolve()}")
-    _summarise(summary.store, summary.run_ids)
-    if getattr(args, "report", True) and summary.run_ids:
+    summaries = []
+
+    def execute(runs=None):
+        if executor == "ray":
+            from peftbench.executors import run_ray
+
+            summary = run_ray(study, args.store, device=args.device, retry_failed=not args.no_retry_failed,
+                              address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                              max_retries=args.max_retries, runs=runs)
+        else:
+            from peftbench.runner import run_study
+
+            summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed,
+                                runs=runs)
+        summaries.append(summary)
+        return summary
+
+    record = None
+    if until:
+        record = sequential.run_until_decided(study, args.store or study.store, execute, args.max_seeds,
+                                              args.seed_step)
+    else:
+        execute()
+    store = summaries[0].store
+    run_ids = record["run_ids"] if record else summaries[0].run_ids
+    failed = sorted({f for s in summaries for f in s.failed})
+    print(f"\n{len(set(run_ids))} runs ({sum(s.done for s in summaries)} trained now, "
+          f"{summaries[0].skipped} already done" + (f", {sum(len(s.claimed) for s in summaries)} left to another "
+                                                    f"runner" if any(s.claimed for s in summaries) else "")
+          + f") in {store.resolve()}")
+    _summarise(store, run_ids)
+    if getattr(args, "report", True) and run_ids:
         from peftbench.report import write_report
 
-        out = write_report(summary.store, run_ids=summary.run_ids, study=study)
+        out = write_report(store, run_ids=run_ids, study=study, sequential=record)
         print(f"report: {Path(out).resolve() / 'report.md'}")
-    if summary.failed:
-        print(f"{len(summary.failed)} runs failed: see 'peftbench ls {summary.store}'", file=sys.stderr)
+        _print_verdicts(store, run_ids, study, record)
+    if failed:
+        print(f"{len(failed)} runs failed: see 'peftbench ls {store}'", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_verdicts(store, run_ids, study, record) -> None:
+    """The verdict lines of the report, and what would decide the undecided ones."""
+    from peftbench.report import study_analysis
+    from peftbench.report.document import plan_display, verdict_line
+    from peftbench.report.verdict import UNDECIDED
+
+    v = study_analysis(store, run_ids, study, record)["verdicts"]
+    if not len(v):
+        return
+    print("\nverdicts:")
+    for _, row in v.iterrows():
+        print("  " + verdict_line(row).replace("**", ""))
+    if (v["verdict"] == UNDECIDED).any():
+        print("\nto decide the undecided ones (80% power):")
+        print(plan_display(v).to_string(index=False))
 
 
 def _summarise(store: Path, run_ids: list[str]) -> None:
@@ -184,22 +233,52 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from peftbench.report import write_report
+def _report_target(args):
+    """(store, run ids or None, study or None, sequential record or None) of ``report``/``plan``'s argument."""
     from peftbench.store import Store
 
     target = Path(args.target)
-    study = None
+    study, record = None, None
     if target.is_file():
         study = load_study(target, args.set)
         store = Path(args.store or study.store)
         run_ids = [r.run_id for r in expand_runs(study)]
+        record = Store(store).read_sequential(study.name)
+        if record:
+            run_ids = list(dict.fromkeys(run_ids + record["run_ids"]))
     else:
         store, run_ids = target, None
     if not Store(store).run_ids():
         raise ConfigError(f"{store}: no finished runs to report on")
-    out = write_report(store, run_ids=run_ids, study=study, out_dir=args.out)
+    return store, run_ids, study, record
+
+
+def cmd_report(args) -> int:
+    from peftbench.report import write_report
+
+    store, run_ids, study, record = _report_target(args)
+    out = write_report(store, run_ids=run_ids, study=study, out_dir=args.out, sequential=record)
     print(f"report: {Path(out).resolve() / 'report.md'}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from peftbench.report import study_analysis
+    from peftbench.report.document import plan_display, verdict_display
+
+    store, run_ids, study, record = _report_target(args)
+    v = study_analysis(store, run_ids, study, record)["verdicts"]
+    if not len(v):
+        print("no verdicts: no reference arm with a comparison among the successful runs")
+        return 0
+    print(verdict_display(v)[["Arm", "Reference", "Seeds arm / ref", "Test examples", "Δ (pts)", "CI of Δ",
+                              "Verdict"]].to_string(index=False))
+    plan = plan_display(v)
+    if len(plan):
+        print("\nwhat would decide the undecided comparisons with 80% power:")
+        print(plan.to_string(index=False))
+    else:
+        print("\nevery comparison is decided.")
     return 0
 
 
@@ -254,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=2,
                    help="ray: times a run is retried when its worker dies, before it is stored as failed "
                         "(default: 2)")
+    p.add_argument("--until-decided", action="store_true",
+                   help="after the study, add the next unused seeds to undecided arms and their reference, look by "
+                        "look, until every verdict is decided or --max-seeds is reached (group-sequential levels: "
+                        "docs/report.md)")
+    p.add_argument("--max-seeds", type=int, default=None,
+                   help="--until-decided: seeds per arm at most (default: 2 x the study's seeds + 4)")
+    p.add_argument("--seed-step", type=int, default=2,
+                   help="--until-decided: seeds added per look (default: 2)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a study and list its runs without training")
@@ -293,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: STORE/report)")
     common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plan", help="verdicts and the seeds / test examples that would decide the undecided ones")
+    p.add_argument("target", nargs="?", default="runs", help="store folder or study file")
+    common(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's model for transformers (merged) or peft (adapter + head)")
     p.add_argument("run", help="run folder")

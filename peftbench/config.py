@@ -90,8 +90,10 @@ DATASET_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "train_split": (str, "train", "split (hub) or file stem (local folder) used for training"),
     "validation_split": (str, "validation", "split used for model selection; carved from train when absent or ''"),
     "test_split": (str, "test", "split used only for the final evaluation"),
-    "validation_fraction": (float, 0.1, "fraction of train carved (stratified) as validation when there is none"),
-    "test_fraction": (float, 0.2, "fraction of train carved (stratified) as test when there is no test split"),
+    "validation_fraction": (float, 0.1, "fraction of train carved (stratified) as validation when there is none; "
+                            "builtin:rotten_tomatoes: share of the movies held out as validation"),
+    "test_fraction": (float, 0.2, "fraction of train carved (stratified) as test when there is no test split; "
+                      "builtin:rotten_tomatoes: share of the movies held out as test"),
     "split_seed": (int, 0, "seed of carved splits and of subsampling (fixed across run seeds)"),
     "max_train": ("int?", None, "stratified, seeded subsample of the training split"),
     "max_validation": ("int?", None, "stratified, seeded subsample of the validation split"),
@@ -400,8 +402,9 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     for key, choices in REPORT_CHOICES.items():
         if report[key] not in choices:
             raise ConfigError(f"{where}: report.{key}: expected one of {', '.join(choices)}, got {report[key]!r}")
-    if not report["margin"] >= 0:
-        raise ConfigError(f"{where}: report.margin: expected a number of points >= 0, got {report['margin']!r}")
+    if not report["margin"] > 0:
+        raise ConfigError(f"{where}: report.margin: expected a number of points > 0 (a non-inferiority margin), "
+                          f"got {report['margin']!r}")
 
     raw_arms = raw.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:

@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import GroupShuffleSplit, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from peftbench.config import DATASET_FIELDS, ConfigError
 
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 ROLES = ("train", "validation", "test")
+GROUP_FOLDS = 20  # builtin:rotten_tomatoes: movies are cut into this many label-stratified folds
 
 
 @dataclass
@@ -161,13 +162,21 @@ def _load_rotten_tomatoes(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame]
     df = pd.read_csv(path)
     df = df[df["category"] != "plot"].drop_duplicates(subset=["text"], keep=False)
     df = df.rename(columns={"category": "label"})[["text", "label", "movie_name"]].reset_index(drop=True)
-    # By movie, so snippets of one film never sit on both sides: 70% / 10% / 20% of the movies.
-    outer = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=spec["split_seed"])
-    rest_idx, test_idx = next(outer.split(df, groups=df["movie_name"]))
-    rest = df.iloc[rest_idx]
-    inner = GroupShuffleSplit(n_splits=1, test_size=0.125, random_state=spec["split_seed"])
-    train_idx, val_idx = next(inner.split(rest, groups=rest["movie_name"]))
-    frames = {"train": rest.iloc[train_idx], "validation": rest.iloc[val_idx], "test": df.iloc[test_idx]}
+    # By movie, so snippets of one film never sit on both sides, and stratified by label so that every split keeps the
+    # corpus's fresh/rotten shares: StratifiedGroupKFold cuts the movies into 20 folds; test_fraction of them are the
+    # test split, validation_fraction the validation split (defaults 20% / 10%), the rest train.
+    folds = [test for _, test in StratifiedGroupKFold(n_splits=GROUP_FOLDS, shuffle=True,
+                                                      random_state=spec["split_seed"]).split(
+        df, df["label"], groups=df["movie_name"])]
+    n_test = max(1, round(spec["test_fraction"] * GROUP_FOLDS))
+    n_val = max(1, round(spec["validation_fraction"] * GROUP_FOLDS))
+    if n_test + n_val >= GROUP_FOLDS:
+        raise ConfigError(f"dataset '{spec['name']}': test_fraction + validation_fraction leave no movies for train "
+                          f"(expected a sum below 1 - 1/{GROUP_FOLDS})")
+    test_idx = np.concatenate(folds[:n_test])
+    val_idx = np.concatenate(folds[n_test:n_test + n_val])
+    train_idx = np.concatenate(folds[n_test + n_val:])
+    frames = {"train": df.iloc[train_idx], "validation": df.iloc[val_idx], "test": df.iloc[test_idx]}
     return frames, ["rotten", "fresh"]
 
 
@@ -280,7 +289,24 @@ def make_splits(spec: dict[str, Any], frames: dict[str, pd.DataFrame], names: li
         frames[role] = frames[role][~dup]
     out = {role: stratified_take(frames[role], spec[f"max_{role}"], seed) for role in ROLES}
     info.update({f"n_{role}": len(out[role]) for role in ROLES})
+    info.update(split_checks(out, len(labels)))
     return Splits(train=out["train"], validation=out["validation"], test=out["test"], labels=labels, info=info)
+
+
+def split_checks(frames: dict[str, pd.DataFrame], n_labels: int) -> dict[str, Any]:
+    """What a reader of the results should know about the final splits: class shares per split, texts repeated
+    within a split, validation texts also in train, and identical texts carrying different labels (within a split
+    and across all of them) — sentence-level data with several annotator-agreement levels has all of these."""
+    info: dict[str, Any] = {}
+    for role, frame in frames.items():
+        counts = np.bincount(frame["label"].to_numpy(), minlength=n_labels)
+        info[f"{role}_class_shares"] = (counts / max(len(frame), 1)).round(4).tolist()
+        info[f"{role}_duplicate_rows"] = int(frame["text"].duplicated().sum())
+        info[f"{role}_conflicting_texts"] = int((frame.groupby("text")["label"].nunique() > 1).sum())
+    info["validation_texts_in_train"] = int(frames["validation"]["text"].isin(set(frames["train"]["text"])).sum())
+    every = pd.concat(frames.values(), ignore_index=True)
+    info["conflicting_texts_all_splits"] = int((every.groupby("text")["label"].nunique() > 1).sum())
+    return info
 
 
 def load_splits(spec: dict[str, Any]) -> Splits:

@@ -74,11 +74,31 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused and fused_adamw_available(device))
 
 
+BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "bf16")
+
+
 @functools.lru_cache(maxsize=None)
-def _cpu_has_bf16() -> bool:
+def _cpu_words() -> set[str]:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    words = set(flags.split())
+    return set(flags.split())
+
+
+def _cpu_has_bf16() -> bool:
+    words = _cpu_words()
     return bool(words & {"avx512_bf16", "amx_bf16"}) or (platform.machine() == "aarch64" and "bf16" in words)
+
+
+def cpu_numerics() -> dict[str, Any]:
+    """The CPU's instruction sets that decide bf16/fp32 numerics (and so bit-exact results): its model name, the
+    relevant /proc/cpuinfo flags, and the kernel level torch dispatches to (``torch.backends.cpu``)."""
+    model = None
+    if Path("/proc/cpuinfo").is_file():
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), None)
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {"model": model or platform.processor() or None, "machine": platform.machine(),
+            "flags": sorted(_cpu_words() & set(BF16_FLAGS)), "torch_cpu_capability": capability,
+            "native_bf16": _cpu_has_bf16()}
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -123,6 +143,7 @@ def train(model: nn.Module, forward: Callable[[Any], torch.Tensor], train_batche
     scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=int(s.warmup_ratio * total),
                               num_training_steps=total)
     history, best_epoch, best_score, best_state, bad_epochs, step, train_time = [], 0, None, None, 0, 0, 0.0
+    best_loss = float("inf")
     for epoch in range(1, s.epochs + 1):
         (set_train_mode or model.train)()
         start = time.perf_counter()
@@ -172,8 +193,10 @@ def train(model: nn.Module, forward: Callable[[Any], torch.Tensor], train_batche
         if on_epoch:
             on_epoch(row)
         score = val[s.metric_for_best]
-        if better(s.metric_for_best, score, best_score):
-            best_score, best_epoch, bad_epochs = score, epoch, 0
+        # A tie on the selection metric keeps the epoch with the lower validation loss (the better-calibrated one).
+        tie = best_score is not None and score == best_score and val["loss"] < best_loss
+        if better(s.metric_for_best, score, best_score) or tie:
+            best_score, best_loss, best_epoch, bad_epochs = score, val["loss"], epoch, 0
             best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         else:
             bad_epochs += 1

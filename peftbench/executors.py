@@ -103,7 +103,8 @@ def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen
 
 def run_ray(study: Study, store: str | Path | None = None, device: str = "auto", retry_failed: bool = True,
             address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0, max_retries: int = 2,
-            torch_threads: int | None = None, poll_s: float = 2.0) -> StudySummary:
+            torch_threads: int | None = None, poll_s: float = 2.0,
+            runs: list[RunConfig] | None = None) -> StudySummary:
     """Run every unfinished run of ``study`` as a Ray task; the store (default: the study's) must be reachable at the
     same path from every worker (a local folder on one machine, a shared filesystem across machines).
 
@@ -111,7 +112,8 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
     starts a local one; ``"auto"`` or ``"ray://host:10001"`` connect to a running cluster. If Ray is already initialised
     it is used as it is. Each task reserves ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs (a fraction shares a GPU),
     sets torch to ``torch_threads`` threads (default: ``cpus_per_run``) and is retried up to ``max_retries`` times when
-    its worker dies; after that the run is stored as failed and the rest of the study goes on.
+    its worker dies; after that the run is stored as failed and the rest of the study goes on. ``runs``: only these
+    runs of the study (default: all of them).
 
     Example::
 
@@ -120,7 +122,7 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
     import ray
 
     store_obj = Store(Path(store or study.store).resolve())  # workers may start elsewhere: an absolute path
-    summary, todo = plan_runs(study, store_obj, retry_failed)
+    summary, todo = plan_runs(study, store_obj, retry_failed, runs)
     if not todo:
         return summary
     if gpus_per_run == 0 and device == "auto":

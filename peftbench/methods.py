@@ -12,14 +12,14 @@
 - ``ia3``: (IA)³ (peft ``IA3Config``): learned vectors rescaling keys, values and the feed-forward input.
 - ``vera``: VeRA (peft ``VeraConfig``): frozen shared random projections, trainable scaling vectors per layer.
 - ``untrained``: nothing trains; the randomly initialised head is evaluated (the pre-fine-tuning baseline).
-- ``tfidf`` and ``llm``: baselines that are not fine-tuned encoders (see ``peftbench.baselines``); they share the
+- ``majority``, ``tfidf`` and ``llm``: baselines that are not fine-tuned encoders (see ``peftbench.baselines``); they share the
   splits, metrics and store of every other run.
 
 Example::
 
     >>> from peftbench import methods
     >>> sorted(methods.METHODS)
-    ['adalora', 'frozen', 'full', 'ia3', 'llm', 'lora', 'loraplus', 'tfidf', 'untrained', 'vera']
+    ['adalora', 'frozen', 'full', 'ia3', 'llm', 'lora', 'loraplus', 'majority', 'tfidf', 'untrained', 'vera']
 """
 
 from __future__ import annotations
@@ -356,6 +356,8 @@ METHODS: dict[str, Method] = {
                    params=VERA_PARAMS, label_keys=("r",), prepare=_prepare_vera),
     "untrained": Method("untrained", "no training: the freshly initialised head (pre-fine-tuning baseline)",
                         trains=False, prepare=_prepare_untrained),
+    "majority": Method("majority", "always the training split's most frequent class (the floor to clear)",
+                       trains=False),
     "tfidf": Method("tfidf", "TF-IDF + logistic regression (scikit-learn)", params=baselines.TFIDF_PARAMS,
                     trains=False),
     "llm": Method("llm", "a chat-completions model asked zero- or few-shot", params=baselines.LLM_PARAMS,
@@ -496,7 +498,8 @@ def count_parameters(model: nn.Module, base_params: int) -> dict[str, Any]:
         "adapter": adapter,
         "head": head_trainable,
         "encoder_trainable": encoder_trainable - adapter,
-        "trainable_pct": 100.0 * n_trainable / base_params,
+        # peft's "trainable%": of all parameters of the model being trained (base + head + adapter), so at most 100
+        "trainable_pct": 100.0 * n_trainable / (base_params + head + adapter),
     }
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from peftbench import baselines, methods
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
-from peftbench.engine import TrainSettings, bf16_supported, make_optimizer, predict, train
+from peftbench.engine import TrainSettings, bf16_supported, cpu_numerics, make_optimizer, predict, train
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
 from peftbench.store import Store, write_json
@@ -100,7 +100,7 @@ def environment_base() -> dict[str, Any]:
         versions["peftbench"] = None
     return {"python": platform.python_version(), "packages": versions, "git_hash": git_hash,
             "hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_numerics()}
 
 
 class PeakMemory:
@@ -265,8 +265,11 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     bf16 = cfg["bf16"] and bf16_supported(device)
     max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
+    cache_time = 0.0
     if frozen and cfg.get("cache_frozen_features", True) and hasattr(model, "features"):
+        start = time.perf_counter()
         _cache_features(p, run, bf16)
+        cache_time = time.perf_counter() - start  # the encoder pass is part of training the head: counted in it
 
     def set_train_mode():
         model.train()
@@ -323,6 +326,8 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     write_predictions(out, splits.test, np.arange(len(splits.test)), test_probs.argmax(1).numpy(),
                       test_probs.numpy())
     examples_trained = n_train * len(history)
+    if history:
+        train_time += cache_time
     n_eval = len(ids["validation"]) + len(ids["test"])
     return {
         "labels": splits.labels,
@@ -333,7 +338,8 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
         "costs": {"train_time_s": train_time, "train_examples": examples_trained,
                   "train_examples_per_s": examples_trained / train_time if train_time else None,
                   "eval_time_s": eval_time, "eval_examples_per_s": n_eval / eval_time if eval_time else None,
-                  "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features)},
+                  "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features),
+                  "feature_cache_s": cache_time},
         "pooling": backbone.pooling,
         "speed": speed,
     }
@@ -419,12 +425,14 @@ def expected_work(run: RunConfig) -> float:
     return float(max(epochs * (3 * n_train + n_val) + n_val + n_test, 1))
 
 
-def plan_runs(study: Study, store: Store, retry_failed: bool = True) -> tuple["StudySummary", list[RunConfig]]:
-    """Open the store (removing half-built folders of dead runners) and split the study's runs into those already
-    done (counted in the summary) and those to run (unique by run id)."""
+def plan_runs(study: Study, store: Store, retry_failed: bool = True,
+              runs: list[RunConfig] | None = None) -> tuple["StudySummary", list[RunConfig]]:
+    """Open the store (removing half-built folders of dead runners) and split the study's runs (or ``runs``, a subset
+    such as the seeds ``--until-decided`` adds) into those already done (counted in the summary) and those to run
+    (unique by run id)."""
     store.root.mkdir(parents=True, exist_ok=True)
     store.clean_stale()
-    runs = expand_runs(study)
+    runs = expand_runs(study) if runs is None else runs
     summary = StudySummary(store=store.root, run_ids=[r.run_id for r in runs])
     todo = []
     for run in {r.run_id: r for r in runs}.values():  # two identical arms are one run
@@ -464,16 +472,17 @@ def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, An
 
 
 def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
-              retry_failed: bool = True) -> StudySummary:
+              retry_failed: bool = True, runs: list[RunConfig] | None = None) -> StudySummary:
     """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
 
     A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False. A run whose
-    claim another live runner holds (another ``peftbench run`` on the same store) is left to it.
+    claim another live runner holds (another ``peftbench run`` on the same store) is left to it. ``runs``: only these
+    runs of the study (default: all of them).
     """
     from peftbench.executors import execute_claimed, new_owner
 
     store_obj = Store(store or study.store)
-    summary, todo = plan_runs(study, store_obj, retry_failed)
+    summary, todo = plan_runs(study, store_obj, retry_failed, runs)
     dev = pick_device(device)
     owner = new_owner("local")
     seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}

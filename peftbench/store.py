@@ -30,6 +30,7 @@ import pandas as pd
 
 RESULT = "result.json"
 CLAIMS = ".claims"
+SEQUENTIAL = ".sequential"
 HEARTBEAT_S = 30.0  # how often a running run touches its claim
 CLAIM_TIMEOUT_S = 300.0  # a claim untouched for this long is stale, whatever host holds it
 HOST = socket.gethostname()
@@ -216,6 +217,27 @@ class Store:
         except FileNotFoundError:
             return None
         return st.st_ino, st.st_mtime_ns
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Sequential records (``peftbench run --until-decided``): the looks, their levels and the decisions so far
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def sequential_path(self, study: str) -> Path:
+        return self.root / SEQUENTIAL / f"{study}.json"
+
+    def write_sequential(self, study: str, record: dict[str, Any]) -> None:
+        """Write (atomically) the sequential record of ``study``."""
+        path = self.sequential_path(study)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, record)
+
+    def read_sequential(self, study: str) -> dict[str, Any] | None:
+        """The sequential record of ``study``, None if it never ran with ``--until-decided``."""
+        path = self.sequential_path(study)
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def run_ids(self) -> list[str]:
         if not self.root.is_dir():

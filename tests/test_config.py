@@ -67,7 +67,8 @@ def test_untrained_runs_ignore_the_lr_grid():
     ({"arms": [{"method": "lora", "lora_alpha": "double"}]}, "lora_alpha: expected an integer or a multiple"),
     ({"report": {"metric": "auc"}}, "report.metric: expected one of accuracy"),
     ({"report": {"selection_metric": "f1"}}, "report.selection_metric: expected one of accuracy"),
-    ({"report": {"margin": -1.0}}, "report.margin: expected a number of points >= 0"),
+    ({"report": {"margin": -1.0}}, "report.margin: expected a number of points > 0"),
+    ({"report": {"margin": 0.0}}, "report.margin: expected a number of points > 0"),
 ])
 def test_bad_config_gives_one_line_error_naming_file_and_field(changes, message):
     with pytest.raises(ConfigError) as e:

@@ -45,6 +45,7 @@ def load_runs(store: str | Path, run_ids: list[str] | None = None) -> pd.DataFra
         train = (result.get("config") or {}).get("train")
         row["nuisance"] = json.dumps(train, sort_keys=True) if train is not None else None
         row["labels"] = result.get("labels") or []
+        row["dataset_info"] = result.get("dataset_info") or {}
         row["test_confusion_matrix"] = ((result.get("metrics") or {}).get("test") or {}).get("confusion_matrix")
         rows.append(row)
     return tables.ensure_columns(pd.DataFrame(rows))
@@ -113,6 +114,73 @@ def prediction_checks(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame]) 
     return pd.DataFrame(rows, columns=["run_id", "arm", "seed", "stored", "recomputed", "match"])
 
 
+def group_verdicts(group: pd.DataFrame, ref: pd.Series | None, preds: dict[str, dict], settings: dict[str, Any],
+                   num_labels: int | None, metric: str) -> pd.DataFrame:
+    """Every arm of one model × dataset group against its reference (:mod:`peftbench.report.verdict`): one-sided tests
+    at the study's level, Holm-adjusted over the arms still open. With a sequential record (``--until-decided``), an
+    arm decided at an earlier look keeps that look's verdict and numbers (group-sequential: a decision is final)."""
+    if ref is None:
+        return pd.DataFrame()
+    decided = (settings.get("sequential") or {}).get("decided", {})
+    alpha = float(settings.get("alpha", verdict.ALPHA))
+    model, dataset = group["model"].iloc[0], group["dataset"].iloc[0]
+    fixed, open_rows = [], []
+    for _, cand in group.iterrows():
+        if cand["arm"] == ref["arm"]:
+            continue
+        head = {"model": model, "dataset": dataset, "arm": cand["arm"], "method": cand["method"],
+                "reference": ref["arm"], "trainable_pct": cand["params_trainable_pct"]}
+        earlier = decided.get(sequential_key(model, dataset, cand["arm"]))
+        if earlier is not None:
+            fixed.append({**earlier, **head})
+            continue
+        result = verdict.compare(preds[ref["arm"]], preds[cand["arm"]], margin=float(settings["margin"]),
+                                 metric=metric, num_labels=num_labels, alpha=alpha)
+        result.pop("_difference", None)
+        open_rows.append({**head, **result})
+    verdict.decide_all(open_rows, alpha)
+    rows = fixed + open_rows
+    order = {a: i for i, a in enumerate(group["arm"])}
+    return pd.DataFrame(sorted(rows, key=lambda r: order.get(r["arm"], 0)))
+
+
+def sequential_key(model: str, dataset: str, arm: str) -> str:
+    """How a sequential record names an arm: ``model | dataset | arm``."""
+    return f"{model} | {dataset} | {arm}"
+
+
+def baseline_check(group: pd.DataFrame, preds: dict[str, dict], num_labels: int | None) -> dict[str, Any] | None:
+    """The untrained head against the majority-class baseline (not against nothing): Δ in accuracy points with its
+    95% CI over seeds and test examples. None unless the group has both with predictions."""
+    arms = {m: group.loc[group["method"] == m, "arm"] for m in ("majority", "untrained")}
+    if any(not len(a) or not preds.get(a.iloc[0]) for a in arms.values()):
+        return None
+    result = verdict.compare(preds[arms["majority"].iloc[0]], preds[arms["untrained"].iloc[0]], margin=0.0,
+                             metric="accuracy", num_labels=num_labels)
+    return {"majority": arms["majority"].iloc[0], "untrained": arms["untrained"].iloc[0],
+            **{k: result.get(k) for k in ("reference_score", "candidate_score", "diff_points", "ci_low", "ci_high")}}
+
+
+def with_example_intervals(table: pd.DataFrame, selected: pd.DataFrame,
+                           predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The arm table with each paired metric's 95% CI recomputed from the stored predictions so that it covers test-set
+    sampling as well as seeds (:func:`peftbench.report.verdict.arm_interval`); ``ci_method`` says what the headline
+    interval covers. Arms without predictions keep the seeds-only interval of :func:`tables.arm_table`."""
+    table = table.copy()
+    for i, row in table.iterrows():
+        frames = arm_predictions(row, selected, predictions)
+        labels = next((lab for lab in selected.loc[selected["run_id"].isin(row["run_ids"].split()), "labels"]
+                       if len(lab)), [])
+        for m in PAIRED_METRICS:
+            ci = verdict.arm_interval(frames, m, len(labels) or None)
+            if ci is None:
+                break
+            table.loc[i, f"{m}_ci_low"], table.loc[i, f"{m}_ci_high"] = ci["low"], ci["high"]
+            if m == "accuracy":
+                table.loc[i, "ci_method"] = f"{ci['covers']} (t, df {ci['df']:.3g})"
+    return table
+
+
 def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict[str, pd.DataFrame],
                   curves: dict[str, pd.DataFrame], settings: dict[str, Any]) -> dict[str, Any]:
     """Verdicts, error analysis and curves of one model × dataset group (its rows of the arm table)."""
@@ -126,17 +194,8 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
 
     ref = tables.find_reference(group, settings["reference"])
     out["reference"] = None if ref is None else ref["arm"]
-    rows = []
-    if ref is not None:
-        for _, cand in group.iterrows():
-            if cand["arm"] == ref["arm"]:
-                continue
-            result = verdict.compare(preds[ref["arm"]], preds[cand["arm"]], margin=float(settings["margin"]),
-                                     metric=paired_metric, num_labels=len(labels) or None)
-            rows.append({"model": out["model"], "dataset": out["dataset"], "arm": cand["arm"],
-                         "method": cand["method"], "reference": ref["arm"],
-                         "trainable_pct": cand["params_trainable_pct"], **result})
-    out["verdicts"] = pd.DataFrame(rows)
+    out["verdicts"] = group_verdicts(group, ref, preds, settings, len(labels) or None, paired_metric)
+    out["baseline_check"] = baseline_check(group, preds, len(labels) or None)
 
     best = tables.best_arm(group, metric)
     out["best"] = None if best is None else best["arm"]
@@ -171,6 +230,21 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
     return out
 
 
+def data_sections(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """One entry per dataset: the ``dataset_info`` its runs recorded (split sizes, class shares, carved splits,
+    duplicates and label conflicts, see :func:`peftbench.data.make_splits`) — the first successful run's, since every
+    run of a dataset spec sees the same splits."""
+    out, seen = [], set()
+    if "dataset_info" not in runs:
+        return out
+    for _, row in runs[runs["status"] == "success"].iterrows():
+        info = row["dataset_info"]
+        if isinstance(info, dict) and info and row["dataset"] not in seen:
+            seen.add(row["dataset"])
+            out.append({"dataset": row["dataset"], "labels": list(row["labels"]), **info})
+    return out
+
+
 def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: dict[str, pd.DataFrame],
             settings: dict[str, Any]) -> dict[str, Any]:
     """Everything the report shows, as tables: nuisance choice, arm table, efficiency, per-group verdicts and error
@@ -178,7 +252,8 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
     runs = tables.ensure_columns(runs)
     scores = tables.nuisance_scores(runs, settings["selection_metric"])
     selected = tables.select_nuisance(runs, settings["selection_metric"])
-    table = tables.arm_table(selected)
+    table = with_example_intervals(tables.arm_table(selected), selected, predictions) if len(selected) else \
+        tables.arm_table(selected)
     groups = []
     if len(table):
         for _, group in table.groupby(["model", "dataset"], sort=False, dropna=False):
@@ -188,8 +263,16 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
             "efficiency": tables.efficiency(table, settings["reference"], settings["metric"]) if len(table) else
             pd.DataFrame(), "verdicts": pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
             "groups": groups, "failed": tables.failed_runs(runs),
+            "tuning": tables.tuning_curves(scores, settings["selection_metric"]),
+            "data": data_sections(runs),
             "summary": tables.runs_summary(runs, set(selected["run_id"]) if len(selected) else set()),
             "checks": prediction_checks(runs, predictions)}
+
+
+def _of_group(frame: pd.DataFrame | None, g: dict[str, Any]) -> pd.DataFrame | None:
+    if frame is None or not len(frame):
+        return frame
+    return frame[(frame["model"] == g["model"]) & (frame["dataset"] == g["dataset"])]
 
 
 def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]:
@@ -207,6 +290,9 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
                     g["confusion"], g["labels"] or [str(k) for k in range(len(g["confusion"]))],
                     f"{g['best']} (seeds summed)"), f"confusion matrix of the best arm, {g['best']}"),
                 ("train_time", plots.train_time(g["table"]), "training time per arm"),
+                ("tuning_curves", plots.tuning_curves(
+                    _of_group(analysis.get("tuning"), g), analysis["settings"]["selection_metric"]),
+                 "expected best validation score vs tuning trials per arm (Dodge et al. 2019)"),
                 ("spectrum", spectrum.spectrum_figure(g["spectra"]) if g.get("spectra") else None,
                  "spectrum of the learned updates ΔW per arm (chosen runs)")]
         out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(fig), caption)
@@ -219,15 +305,15 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def write_report(store, run_ids=None, study=None, out_dir=None) -> Path:
-    """Write the report of a store (all its runs, or ``run_ids``) into ``out_dir`` (default ``STORE/report``) and
-    return that folder: report.md, report.html, results.csv, results.json, runs.csv, table.md, table.tex, plots/.
-
-    ``study`` (a :class:`peftbench.config.Study`) supplies the title and its [report] settings: reference arm,
-    headline metric, selection metric and non-inferiority margin."""
-    store = Path(store)
-    out = Path(out_dir) if out_dir else store / "report"
+def study_analysis(store, run_ids=None, study=None, sequential: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read the store and :func:`analyse` it (all its runs, or ``run_ids``) with the study's [report] settings and,
+    after ``--until-decided``, its sequential record (the last look's level; arms decided earlier keep their
+    verdicts). The spectra of the chosen runs are attached to each group."""
     settings = settings_of(study)
+    if sequential:
+        settings["sequential"] = sequential
+        settings["alpha"] = sequential["levels"][len(sequential["looks"]) - 1] if sequential["looks"] else \
+            sequential["levels"][0]
     runs = load_runs(store, run_ids)
     analysis = analyse(runs, load_predictions(runs), load_curves(runs), settings)
     for g in analysis["groups"]:  # spectrum.json of the chosen runs, in the arm table's order
@@ -235,6 +321,21 @@ def write_report(store, run_ids=None, study=None, out_dir=None) -> Path:
         chosen = analysis["selected"].set_index("run_id").loc[[i for i in ids if i in
                                                                set(analysis["selected"]["run_id"])]].reset_index()
         g["spectra"] = spectrum.load_spectra(chosen)
+    return analysis
+
+
+def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict[str, Any] | None = None) -> Path:
+    """Write the report of a store (all its runs, or ``run_ids``) into ``out_dir`` (default ``STORE/report``) and
+    return that folder: report.md, report.html, results.csv, results.json, runs.csv, table.md, table.tex, plots/.
+
+    ``study`` (a :class:`peftbench.config.Study`) supplies the title and its [report] settings: reference arm,
+    headline metric, selection metric and non-inferiority margin; ``sequential`` the record of an
+    ``--until-decided`` run (see :mod:`peftbench.sequential`)."""
+    store = Path(store)
+    out = Path(out_dir) if out_dir else store / "report"
+    analysis = study_analysis(store, run_ids, study, sequential)
+    settings = analysis["settings"]
+    runs = analysis["runs"]
     figs = figures(analysis)
     title = getattr(study, "name", None) or store.resolve().name
     meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or "",

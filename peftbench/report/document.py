@@ -6,12 +6,12 @@ Example::
     >>> import pandas as pd
     >>> from peftbench.report.document import verdict_line
     >>> v = pd.Series({"arm": "lora r=4", "reference": "full", "trainable_pct": 0.17, "diff_points": -0.4,
-    ...                "ci_low": -0.9, "ci_high": 0.1, "mcnemar_p": 0.2, "noise": 0.3, "verdict": "non-inferior",
-    ...                "metric": "accuracy", "reason": "…"})
+    ...                "ci_low": -0.9, "ci_high": 0.1, "alpha": 0.025, "seeds": 5, "seeds_reference": 5,
+    ...                "n_examples": 5000, "verdict": "non-inferior", "metric": "accuracy", "reason": "…"})
     >>> verdict_line(v)[:61]
     '**lora r=4** (0.17% of the base model trainable) vs **full**:'
-    >>> verdict_line(v)[-68:]
-    '[−0.90, +0.10], McNemar p = 0.2, seed std 0.30 → **non-inferior**: …'
+    >>> verdict_line(v)[-75:]
+    '95% CI [−0.90, +0.10] (5 / 5 seeds, 5,000 test examples) → **non-inferior**'
 """
 
 from __future__ import annotations
@@ -33,7 +33,16 @@ def _single(table: pd.DataFrame) -> bool:
 
 
 def _pct(x: Any) -> str:
-    return NA if missing(x) else f"{float(x):.3g}%"
+    """A percentage with 3 significant digits, never rounded up to 100% (99.96 → '99.96%')."""
+    if missing(x):
+        return NA
+    x = float(x)
+    text = f"{x:.3g}"
+    digits = 2
+    while x < 100 and float(text) >= 100 and digits < 8:
+        text = f"{x:.{digits}f}"
+        digits += 1
+    return f"{text}%"
 
 
 def arm_display(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
@@ -80,34 +89,92 @@ def efficiency_display(eff: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def verdict_line(v: pd.Series) -> str:
+    """One sentence per verdict: Δ, its interval (what it covers), seeds and test examples, the verdict."""
     head = f"**{v['arm']}**"
     if not missing(v.get("trainable_pct")):
-        head += f" ({float(v['trainable_pct']):.3g}% of the base model trainable)"
+        head += f" ({_pct(v['trainable_pct'])} of the base model trainable)"
     head += f" vs **{v['reference']}**"
     if missing(v.get("diff_points")):
         return f"{head}: **{v['verdict']}** ({v.get('reason', '')})"
-    noise = "unknown" if missing(v.get("noise")) else f"{float(v['noise']):.2f}"
-    return (f"{head}: {signed(v['diff_points'])} {v['metric']} points, 95% CI [{signed(v['ci_low'])}, "
-            f"{signed(v['ci_high'])}], McNemar p = {float(v['mcnemar_p']):.2g}, seed std {noise} → "
-            f"**{v['verdict']}**: {v.get('reason', '')}")
+    level = f"{100 * (1 - 2 * float(v.get('alpha', verdict.ALPHA))):.3g}% CI"
+    look = f", decided at look {int(v['look'])}" if not missing(v.get("look")) else ""
+    return (f"{head}: {signed(v['diff_points'])} {v['metric']} points, {level} [{signed(v['ci_low'])}, "
+            f"{signed(v['ci_high'])}] ({int(v['seeds'])} / {int(v['seeds_reference'])} seeds, "
+            f"{int(v['n_examples']):,} test examples{look}) → **{v['verdict']}**")
 
 
 def verdict_display(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The verdict table: every number behind each verdict."""
     v = verdicts
-    get = lambda col: v[col] if col in v else pd.Series([None] * len(v))  # noqa: E731
+    get = lambda col: v[col] if col in v else pd.Series([None] * len(v), index=v.index)  # noqa: E731
+    where = {} if _single(v) else {"Dataset": v["dataset"], "Model": v["model"]}
     return pd.DataFrame({
-        "Arm": v["arm"], "Reference": v["reference"], "Seeds paired": get("seeds"), "Test examples": get("n_examples"),
+        **where, "Arm": v["arm"], "Reference": v["reference"],
+        "Seeds arm / ref": [NA if missing(a) else f"{int(a)} / {int(b)}" for a, b in zip(get("seeds"),
+                                                                                      get("seeds_reference"))],
+        "Test examples": [count(x) for x in get("n_examples")],
         "Reference (pts)": [num(x, 2) for x in get("reference_score")],
         "Arm (pts)": [num(x, 2) for x in get("candidate_score")],
         "Δ (pts)": [signed(x) for x in get("diff_points")],
-        "95% CI of Δ": [NA if missing(a) else f"[{signed(a)}, {signed(b)}]" for a, b in zip(get("ci_low"),
-                                                                                        get("ci_high"))],
-        "Only ref right / only arm right": [NA if missing(b) else f"{int(b)} / {int(c)}"
-                                             for b, c in zip(get("ref_only_right"), get("cand_only_right"))],
-        "McNemar p": [NA if missing(p) else f"{float(p):.3g}" for p in get("mcnemar_p")],
-        "Seed std ref / arm": [f"{num(a, 2)} / {num(b, 2)}" for a, b in zip(get("seed_std_reference"),
-                                                                           get("seed_std_candidate"))],
+        "CI of Δ": [NA if missing(a) else f"[{signed(a)}, {signed(b)}]" for a, b in zip(get("ci_low"),
+                                                                                    get("ci_high"))],
+        "SE: seeds / test": [NA if missing(a) else f"{num(a, 2)} / {num(b, 2)}"
+                             for a, b in zip(get("seed_se_points"), get("test_se_points"))],
+        "df": [num(x, 1) for x in get("df")],
+        "p non-inf. (Holm)": [NA if missing(p) else f"{float(p):.2g}" for p in get("p_noninferior_holm")],
+        "p inferior (Holm)": [NA if missing(p) else f"{float(p):.2g}" for p in get("p_inferior_holm")],
+        "McNemar p per seed": [NA if missing(p) else str(p) for p in get("mcnemar_p_per_seed")],
         "Verdict": v["verdict"]})
+
+
+def plan_display(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Planning table of the undecided comparisons: what would decide each with 80% power."""
+    v = verdicts[verdicts["verdict"] == verdict.UNDECIDED] if len(verdicts) else verdicts
+    get = lambda col: v[col] if col in v else pd.Series([None] * len(v), index=v.index)  # noqa: E731
+    where = {} if _single(v) else {"Dataset": v["dataset"], "Model": v["model"]}
+    return pd.DataFrame({
+        **where, "Arm": v["arm"], "Reference": v["reference"], "Δ (pts)": [signed(x) for x in get("diff_points")],
+        "Seeds now": [NA if missing(a) else f"{int(a)} / {int(b)}" for a, b in zip(get("seeds"),
+                                                                                 get("seeds_reference"))],
+        "Test examples now": [count(x) for x in get("n_examples")],
+        "Seeds needed (this test set)": [count(x) if not missing(x) else "more seeds cannot decide"
+                                         for x in get("seeds_needed")],
+        "Test examples needed (these seeds)": [count(x) if not missing(x) else "a larger test set cannot decide"
+                                               for x in get("test_examples_needed")],
+        "Bottleneck": get("bottleneck")})
+
+
+def study_question(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The study's own question (its ``description``), else one written from the arms' actual parameter shares."""
+    if meta.get("question"):
+        return meta["question"]
+    s = analysis["settings"]
+    table = analysis["table"]
+    shares = [f"{a} ({_pct(p)})" for a, p in zip(table["arm"], table["params_trainable_pct"])
+              if a != s["reference"] and not missing(p)] if len(table) else []
+    arms = ", ".join(shares) if shares else "each arm"
+    return (f"Study question: does {arms} match `{s['reference']}` within {float(s['margin']):g} point(s) of test "
+            f"{s['metric']}? (Percentages: trainable parameters / all parameters of the trained model.)")
+
+
+def _method_paragraph(metric: str, margin: float, alpha: float, sequential: dict | None) -> str:
+    level = f"{100 * (1 - 2 * alpha):.3g}%"
+    text = [
+        f"Δ = arm − reference in points of test {metric}: the mean over the arm's seeds minus the mean over the",
+        "reference's seeds, on the test examples every run has. Its interval covers **both** sources of variance:",
+        "the training seed (the replication unit) and test-set sampling — a crossed examples × seeds",
+        "variance-components estimate with a Student t quantile (Satterthwaite df), so 3 seeds give a wide",
+        f"interval. **superior** if the {level} interval's lower bound is above 0, **non-inferior** if it is above",
+        f"−{margin:g}, **inferior** if its upper bound is below −{margin:g}, else **{verdict.UNDECIDED}**; the",
+        "one-sided p-values are Holm-adjusted over the arms compared with the reference. McNemar per seed is",
+        "descriptive only. A verdict needs ≥ 2 seeds per arm."]
+    if sequential:
+        text.append(f"Seeds were added adaptively (`--until-decided`, looks at {sequential['schedule']} seeds per "
+                    f"arm): each look's level is its share of the one-sided α = {verdict.ALPHA} spent by a "
+                    f"Pocock-type Lan–DeMets function, so the overall error rate stays ≤ {verdict.ALPHA}; an arm "
+                    "decided at a look keeps that look's verdict.")
+    text.append("Method and references: docs/report.md in the peftbench sources.")
+    return " ".join(text)
 
 
 def _text(x: Any, limit: int = 160) -> str:
@@ -137,34 +204,44 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
         out.append(("p", f"Model `{table['model'].iloc[0]}`, dataset `{table['dataset'].iloc[0]}`."))
 
     out.append(("h", 2, f"Verdict: is each arm non-inferior to `{reference}`?"))
-    if reference == "full":
-        out.append(("p", "Study question: does LoRA at ~1–2% of the parameters match full fine-tuning?"))
+    out.append(("p", study_question(analysis, meta)))
     v = analysis["verdicts"]
     if len(v):
-        order = v.assign(_lora=(v["method"] != "lora")).sort_values("_lora", kind="stable")
-        out.append(("list", [verdict_line(row) for _, row in order.iterrows()]))
+        out.append(("list", [verdict_line(row) for _, row in v.iterrows()]))
         out.append(("table", verdict_display(v)))
         paired = v["metric"].dropna().iloc[0] if "metric" in v and v["metric"].notna().any() else metric
-        out.append(("p", " ".join([
-            f"Δ = arm − reference in points of test {paired}, seeds pooled (seed s of the arm paired with seed s of",
-            "the reference, on the same test examples). 95% CI: paired bootstrap over test examples. McNemar: exact",
-            "binomial test on the examples only one arm got right. A verdict needs at least 2 seeds per arm. The",
-            "decision interval is the CI widened to at least Δ ± the seeds' standard error",
-            f"(sqrt((std_ref² + std_arm²) / seeds)): **non-inferior** if its low end is above −{margin:g};",
-            f"**inferior** if its high end is below −{margin:g} and |Δ| exceeds the larger seed std (a difference",
-            f"smaller than the seed noise is never claimed); otherwise **{verdict.INCONCLUSIVE}**.",
-            "Details: docs/report.md."])))
+        out.append(("p", _method_paragraph(paired, margin, float(s.get("alpha", verdict.ALPHA)),
+                                           s.get("sequential"))))
+        undecided = v[v["verdict"] == verdict.UNDECIDED]
+        if len(undecided):
+            out.append(("h", 3, "Planning: what would decide the undecided comparisons"))
+            out.append(("table", plan_display(v)))
+            out.append(("p", "Seeds per arm (both arms) at the current test-set size, or test examples at the "
+                             "current seeds, that would give 80% power to decide (non-inferior or inferior) if the "
+                             "true Δ were the observed one, at the observed variance components (`peftbench plan` "
+                             "prints the same table). When the test set's own sampling error is wider than the "
+                             "distance to the margin, no number of seeds can decide."))
     else:
         missing_ref = len(table) and all(g["reference"] is None for g in analysis["groups"])
         out.append(("p", f"No verdict: no arm labelled or of method `{reference}` among the successful runs."
                     if missing_ref else "No verdict: no arm to compare."))
+    checks = [g["baseline_check"] for g in analysis["groups"] if g.get("baseline_check")]
+    for c in checks:
+        out.append(("p", f"Baselines: the majority class (`{c['majority']}`) scores {num(c['reference_score'], 2)} "
+                         f"accuracy points; the untrained head (`{c['untrained']}`) {num(c['candidate_score'], 2)}, "
+                         f"{signed(c['diff_points'])} points vs the majority class (95% CI [{signed(c['ci_low'])}, "
+                         f"{signed(c['ci_high'])}]). Trained arms should be read against the majority class, not "
+                         f"against a random head."))
 
     out.append(("h", 2, "Results per arm"))
     if len(table):
         out.append(("table", arm_display(table, metric)))
         out.append(("p", f"Test scores in points (% of test examples for accuracy): mean ± std over seeds; for "
-                         f"{metric} also the 95% CI of the mean (percentile bootstrap over seeds with 5 or more "
-                         f"seeds, Student t with 2–4, none with 1). Costs are means over seeds; n/a = not applicable "
+                         f"{metric} also the 95% CI of the mean, covering both the seeds and test-set sampling "
+                         f"(variance components, t quantile; with 1 seed: test-set sampling only — `ci_method` in "
+                         f"results.csv says which). Trainable % = trainable / all parameters of the trained model "
+                         f"(base + head + adapter). Costs are means over seeds; the frozen arm's training time "
+                         f"includes its one encoder pass; n/a = not applicable "
                          f"or not recorded. All columns: [results.csv](results.csv), [results.json](results.json); "
                          f"LaTeX: [table.tex](table.tex); every run: [runs.csv](runs.csv)."))
     else:
@@ -172,6 +249,9 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
     if len(analysis["nuisance"]):
         out.append(("h", 3, "Nuisance settings (picked on validation, never on test)"))
         out.append(("table", nuisance_display(analysis["nuisance"], s["selection_metric"])))
+
+    out += _tuning_blocks(analysis.get("tuning"), s["selection_metric"])
+    out += _data_blocks(analysis.get("data") or [])
 
     eff = analysis["efficiency"]
     out.append(("h", 2, f"Efficiency vs `{reference}`"))
@@ -244,6 +324,59 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
     return out
 
 
+def _tuning_blocks(tuning: pd.DataFrame | None, selection_metric: str) -> list[tuple]:
+    """Expected best validation score vs number of tuning trials per arm (shown when some arm tried several)."""
+    if tuning is None or not len(tuning) or tuning["of"].max() < 2:
+        return []
+    wide = tuning.pivot_table(index=["dataset", "model", "arm"], columns="trials", values="expected_best",
+                              sort=False)
+    shown = pd.DataFrame({"Arm": [a for _, _, a in wide.index],
+                          **{f"{t} trial{'s' if t > 1 else ''}": [pts(x) if selection_metric != "loss" else num(x, 4)
+                                                                    for x in wide[t]] for t in wide.columns}})
+    if wide.index.get_level_values(0).nunique() > 1:
+        shown.insert(0, "Dataset", [d for d, _, _ in wide.index])
+    out: list[tuple] = [("h", 3, "Tuning budget: expected best validation score vs trials"),
+                        ("table", shown),
+                        ("p", f"Expected best mean validation {selection_metric} of n nuisance settings drawn from "
+                              "those each arm tried (unbiased estimator of Dodge et al. 2019/2021, 'Show your "
+                              "work'): an arm that looks better only with more trials is not better.")]
+    unequal = tuning[tuning["unequal_grid"]]
+    if len(unequal):
+        sizes = unequal.drop_duplicates(["dataset", "arm"])
+        out.append(("p", "**Unequal tuning budgets**: " + ", ".join(f"`{a}` {int(n)} setting(s)" for a, n in
+                                                                   zip(sizes["arm"], sizes["of"]))
+                         + " — compare arms at the same number of trials (columns above)."))
+    return out
+
+
+def _data_blocks(data: list[dict[str, Any]]) -> list[tuple]:
+    """Per dataset: split sizes and class shares, carved splits, duplicates and label conflicts."""
+    if not data:
+        return []
+    out: list[tuple] = [("h", 2, "Data")]
+    for d in data:
+        labels = d.get("labels") or []
+        rows = []
+        for role in ("train", "validation", "test"):
+            shares = d.get(f"{role}_class_shares") or []
+            carved = d.get(f"{role}_carved_from_train")
+            rows.append({"Split": role, "Examples": count(d.get(f"n_{role}")),
+                         "Class shares": ", ".join(f"{labels[i] if i < len(labels) else i} {100 * x:.1f}%"
+                                                   for i, x in enumerate(shares)) or NA,
+                         "Carved from train": f"yes ({100 * carved:g}%)" if carved else "no",
+                         "Repeated texts": count(d.get(f"{role}_duplicate_rows")),
+                         "Texts with conflicting labels": count(d.get(f"{role}_conflicting_texts"))})
+        out.append(("h", 3, f"Dataset `{d['dataset']}`"))
+        out.append(("table", pd.DataFrame(rows)))
+        dropped = sum(int(d.get(f"{r}_test_duplicates_dropped") or 0) for r in ("train", "validation"))
+        out.append(("list", [
+            f"{dropped} train/validation rows whose text is also in test were dropped.",
+            f"{count(d.get('validation_texts_in_train'))} validation rows have a text that is also in train.",
+            f"{count(d.get('conflicting_texts_all_splits'))} distinct texts carry different labels across the "
+            f"splits."]))
+    return out
+
+
 def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
     out: list[tuple] = []
     by_length = g["by_length"]
@@ -307,5 +440,7 @@ def results_json(analysis: dict[str, Any], meta: dict[str, Any]) -> dict[str, An
     return {"title": meta["title"], "store": meta["store"], "settings": render.jsonable(analysis["settings"]),
             "arms": render.records(analysis["table"]), "nuisance": render.records(analysis["nuisance"]),
             "efficiency": render.records(analysis["efficiency"]), "verdicts": render.records(analysis["verdicts"]),
+            "tuning": render.records(analysis["tuning"]) if "tuning" in analysis else [],
+            "data": render.jsonable(analysis.get("data") or []),
             "groups": groups, "failed_runs": render.records(analysis["failed"]),
             "checks": render.records(analysis["checks"])}

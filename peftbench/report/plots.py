@@ -171,3 +171,21 @@ def train_time(table: pd.DataFrame) -> Figure | None:
     ax.set_title("training time per arm")
     ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+def tuning_curves(tuning: pd.DataFrame, selection_metric: str = "accuracy") -> Figure | None:
+    """Expected best validation score (points, or the loss) against the number of nuisance settings tried, one line
+    per arm (:func:`peftbench.report.tables.tuning_curves`); None when no arm tried more than one setting."""
+    if tuning is None or not len(tuning) or tuning["of"].max() < 2:
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    scale = 1.0 if selection_metric == "loss" else 100.0
+    for arm, part in tuning.groupby("arm", sort=False):
+        ax.plot(part["trials"], scale * part["expected_best"], marker="o", label=arm)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("nuisance settings tried (trials)")
+    ax.set_ylabel(f"expected best validation {selection_metric}" + ("" if scale == 1 else " (points)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig

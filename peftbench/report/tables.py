@@ -29,7 +29,7 @@ PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "
           "params_trainable_pct"]
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes"]
 # Table order: baselines first, then by rank, the full fine-tuning reference last; unknown methods in between.
-METHOD_ORDER = {"untrained": 0, "tfidf": 1, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
+METHOD_ORDER = {"majority": 0, "untrained": 0.5, "tfidf": 1, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
 # Arms with at least this many seeds get a percentile bootstrap CI over seeds, fewer a Student t interval (seed_ci).
 MIN_SEEDS_FOR_BOOTSTRAP = 5
 
@@ -169,7 +169,7 @@ def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
             row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low, high
             if m == "accuracy":
-                row["ci_method"] = how
+                row["ci_method"] = f"seeds only ({how})" if how != "n/a" else how
         row["val_accuracy"] = pd.to_numeric(g["val_accuracy"], errors="coerce").mean()
         row["val_f1_macro"] = pd.to_numeric(g["val_f1_macro"], errors="coerce").mean()
         for col in COSTS:
@@ -179,6 +179,36 @@ def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
                 row["train_time_s_std"] = values.std(ddof=1) if values.notna().sum() > 1 else np.nan
         rows.append(row)
     return ordered(pd.DataFrame(rows))
+
+
+def expected_max(values, higher: bool = True) -> list[float]:
+    """Expected best validation score of ``n`` = 1 … N trials drawn without replacement from the N observed ones:
+    the unbiased U-statistic Σ_{i≥n} v_(i)·C(i−1, n−1)/C(N, n) (Dodge et al. 2019, "Show your work"; Dodge et al. 2021
+    for the unbiased form). ``higher=False`` (a loss): the expected minimum."""
+    from math import comb
+
+    v = sorted((1.0 if higher else -1.0) * float(x) for x in values if pd.notna(x))
+    n_all = len(v)
+    out = [sum(v[i - 1] * comb(i - 1, n - 1) for i in range(n, n_all + 1)) / comb(n_all, n)
+           for n in range(1, n_all + 1)]
+    return out if higher else [-x for x in out]
+
+
+def tuning_curves(scores: pd.DataFrame, selection_metric: str = "accuracy") -> pd.DataFrame:
+    """Per arm, the expected best mean validation score against the number of nuisance settings tried
+    (:func:`expected_max` over the arm's settings in :func:`nuisance_scores`), and ``unequal_grid``: True for every
+    arm of a model × dataset group whose arms were tuned over different numbers of settings (an unfair comparison:
+    more trials alone raise the expected best)."""
+    rows = []
+    for key, g in scores.groupby(ARM_KEY, sort=False, dropna=False):
+        curve = expected_max(g["val_score"], higher_is_better(selection_metric))
+        rows += [{**dict(zip(ARM_KEY, key)), "trials": n + 1, "of": len(curve), "expected_best": v}
+                 for n, v in enumerate(curve)]
+    out = pd.DataFrame(rows, columns=ARM_KEY + ["trials", "of", "expected_best", "unequal_grid"])
+    if len(out):
+        sizes = out.groupby(["model", "dataset"])["of"].transform("nunique")
+        out["unequal_grid"] = sizes > 1
+    return out
 
 
 def find_reference(group: pd.DataFrame, reference: str) -> pd.Series | None:
