@@ -38,17 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from peftbench import methods
+from peftbench.fields import ConfigError, check_value, type_name  # ConfigError, check_value: also importable from here
 
 BUILTIN_STUDIES = Path(__file__).parent / "studies"
 DEFAULT_STUDY = BUILTIN_STUDIES / "demo.toml"
 
 
-class ConfigError(ValueError):
-    """A study, flag or data file is not what peftbench expects. The message is one line naming the field."""
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Field specs: (type, default, one-line doc). Types: int, float, str, bool, "int?", "float?", "str?", list[str].
+# Field specs: (type, default, one-line doc). Types (checked by fields.check_value): int, float, str, bool, "int?",
+# "float?", "str?", list[str].
 # --------------------------------------------------------------------------------------------------------------------
 
 TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
@@ -112,45 +110,6 @@ REPORT_CHOICES = {"metric": METRICS, "selection_metric": METRICS + ("loss",)}
 
 STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report"}
 ARM_FIXED_FIELDS = {"method", "name"}
-
-
-def _type_name(kind: Any) -> str:
-    return kind.__name__ if isinstance(kind, type) else str(kind)
-
-
-def check_value(where: str, kind: Any, value: Any) -> Any:
-    """Return ``value`` converted to ``kind`` or raise a one-line ConfigError naming ``where``."""
-    if isinstance(kind, str) and kind.endswith("?"):
-        if value is None:
-            return None
-        kind = kind[:-1]
-    if kind in (int, "int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if kind in (float, "float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if kind in (str, "str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if kind in (bool, "bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind == "list[str]":
-        if isinstance(value, str):
-            return [s.strip() for s in value.split(",") if s.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return list(value)
-    if kind == "int|str":
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer or a string, got {value!r}")
-        return value
-    raise AssertionError(f"unknown kind {kind}")
 
 
 def _check_table(where: str, table: Any, fields: dict, extra: set[str] = frozenset()) -> dict:
@@ -500,7 +459,7 @@ def reference_markdown() -> str:
         rows = [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, (kind, default, doc) in fields.items():
             shown = "—" if default is None else f"`{json.dumps(default)}`"
-            rows.append(f"| `{key}` | {_type_name(kind)} | {shown} | {doc} |")
+            rows.append(f"| `{key}` | {type_name(kind)} | {shown} | {doc} |")
         return "\n".join(rows)
 
     parts = [table("`[train]` (and any arm)", TRAIN_FIELDS), table("`[datasets.NAME]`", DATASET_FIELDS),
