@@ -85,7 +85,9 @@ def cmd_validate(args) -> int:
 
 
 def _run(study, args) -> int:
-    from peftbench.runner import check_study_inputs, run_study, set_threads
+    from peftbench.environment import set_threads
+    from peftbench.executors import run_study
+    from peftbench.runner import check_study_inputs
 
     check_study_inputs(study)
     if getattr(args, "executor", "local") == "ray":
