@@ -72,7 +72,8 @@ from peftbench.config import expand_runs, single_run_study  # noqa: E402
 from peftbench.data import dataset_defaults, tokenize  # noqa: E402
 from peftbench.engine import bf16_supported  # noqa: E402
 from peftbench.models import build_classifier, load_tokenizer, resolve_model  # noqa: E402
-from peftbench.runner import PeakMemory, Prepared, environment_base, execute_run, get_splits, set_threads  # noqa: E402
+from peftbench.environment import PeakMemory, environment_base, set_threads  # noqa: E402
+from peftbench.runner import Prepared, execute_run, get_splits  # noqa: E402
 from peftbench.store import Store  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

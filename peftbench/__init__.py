@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 
 def run_study(*args, **kwargs):
-    """Run a study into a store (see :func:`peftbench.runner.run_study`)."""
-    from peftbench.runner import run_study as _run_study
+    """Run a study into a store (see :func:`peftbench.executors.run_study`)."""
+    from peftbench.executors import run_study as _run_study
 
     return _run_study(*args, **kwargs)

@@ -83,11 +83,35 @@ def cmd_validate(args) -> int:
              "stored": store.status(r.run_id) or "-"} for r in runs]
     _print_table(rows, list(rows[0]))
     print(f"{study.name}: {len(runs)} runs, {sum(r['stored'] == 'success' for r in rows)} already in {store.root}")
+    _notice_old_run_ids(study, store)
+    return 0
+
+
+def _notice_old_run_ids(study, store) -> None:
+    from peftbench.migrate import notice
+
+    line = notice(study, store)
+    if line:
+        print(line, file=sys.stderr)
+
+
+def cmd_migrate(args) -> int:
+    from peftbench.migrate import migrate
+    from peftbench.store import Store
+
+    study = load_study(args.study, args.set)
+    renamed = migrate(study, Store(args.store), dry_run=args.dry_run)
+    for old_id, new_id, run in renamed:
+        print(f"{'would rename' if args.dry_run else 'renamed'} {old_id} -> {new_id}: {run.label}")
+    print(f"{study.name}: {len(renamed)} runs {'to rename' if args.dry_run else 'renamed'} to portable run ids in "
+          f"{Path(args.store).resolve()}")
     return 0
 
 
 def _run(study, args) -> int:
-    from peftbench.runner import check_study_inputs, set_threads
+    from peftbench.environment import set_threads
+    from peftbench.runner import check_study_inputs
+    from peftbench.store import Store
 
     until = getattr(args, "until_decided", False)
     if until:
@@ -97,6 +121,7 @@ def _run(study, args) -> int:
     elif getattr(args, "max_seeds", None) is not None:
         raise ConfigError("--max-seeds: only with --until-decided")
     check_study_inputs(study)
+    _notice_old_run_ids(study, Store(args.store or study.store))
     executor = getattr(args, "executor", "local")
     if executor == "ray":
         try:
@@ -115,7 +140,7 @@ def _run(study, args) -> int:
                               address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                               max_retries=args.max_retries, runs=runs)
         else:
-            from peftbench.runner import run_study
+            from peftbench.executors import run_study
 
             summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed,
                                 runs=runs)
@@ -348,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-data", action="store_true", help="do not load the datasets")
     common(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("migrate", help="rename a store's runs from the run ids of an older peftbench (absolute "
+                       "paths) to portable ones")
+    p.add_argument("store", help="store folder")
+    p.add_argument("--study", required=True, help="study file whose runs to look for")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study setting")
+    p.add_argument("--dry-run", action="store_true", help="list the runs that would be renamed, rename nothing")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("ls", help="list the runs of a store")
     p.add_argument("store", nargs="?", default="runs")

@@ -32,23 +32,22 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftbench import methods
+from peftbench.fields import ConfigError, check_value, type_name  # ConfigError, check_value: also importable from here
 
 BUILTIN_STUDIES = Path(__file__).parent / "studies"
 DEFAULT_STUDY = BUILTIN_STUDIES / "demo.toml"
 
 
-class ConfigError(ValueError):
-    """A study, flag or data file is not what peftbench expects. The message is one line naming the field."""
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Field specs: (type, default, one-line doc). Types: int, float, str, bool, "int?", "float?", "str?", list[str].
+# Field specs: (type, default, one-line doc). Types (checked by fields.check_value): int, float, str, bool, "int?",
+# "float?", "str?", list[str].
 # --------------------------------------------------------------------------------------------------------------------
 
 TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
@@ -116,45 +115,6 @@ STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "
 ARM_FIXED_FIELDS = {"method", "name"}
 
 
-def _type_name(kind: Any) -> str:
-    return kind.__name__ if isinstance(kind, type) else str(kind)
-
-
-def check_value(where: str, kind: Any, value: Any) -> Any:
-    """Return ``value`` converted to ``kind`` or raise a one-line ConfigError naming ``where``."""
-    if isinstance(kind, str) and kind.endswith("?"):
-        if value is None:
-            return None
-        kind = kind[:-1]
-    if kind in (int, "int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if kind in (float, "float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if kind in (str, "str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if kind in (bool, "bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind == "list[str]":
-        if isinstance(value, str):
-            return [s.strip() for s in value.split(",") if s.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return list(value)
-    if kind == "int|str":
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer or a string, got {value!r}")
-        return value
-    raise AssertionError(f"unknown kind {kind}")
-
-
 def _check_table(where: str, table: Any, fields: dict, extra: set[str] = frozenset()) -> dict:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {table!r}")
@@ -216,7 +176,9 @@ class Study:
 
 @dataclass
 class RunConfig:
-    """A fully resolved run. ``run_id`` hashes everything but the labels ``study`` and ``arm``."""
+    """A fully resolved run. ``run_id`` hashes everything but the labels ``study`` and ``arm`` and where the study
+    lies (``study_dir``): a local model folder or dataset path is hashed relative to the study file's folder, so a
+    study moved together with its data (another machine, another folder) keeps its run ids (see :meth:`identity`)."""
 
     study: str
     arm: str
@@ -226,21 +188,42 @@ class RunConfig:
     method_params: dict[str, Any]
     train: dict[str, Any]
     seed: int
+    study_dir: str | None = None  # absolute folder of the study file; None for a study without a file (train)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def hashed(self) -> dict[str, Any]:
+    def identity(self, paths: str = "relative") -> dict[str, Any]:
+        """The config without its labels, local paths (absolute ones: a local model folder, a local ``source``)
+        ``relative`` to ``study_dir`` (as ``model_rel`` and ``dataset.source_rel``; unchanged without a study_dir),
+        kept ``absolute`` (the run ids of peftbench before portable ids), or ``dropped`` (to recognise one run stored
+        under another location's paths). Built-in sources and hub ids are never changed."""
         d = self.to_dict()
-        d.pop("study")
-        d.pop("arm")
+        for label in ("study", "arm", "study_dir"):
+            d.pop(label)
+        if paths == "absolute" or (paths == "relative" and not self.study_dir):
+            return d
+        d["dataset"] = dict(d["dataset"])
+        for table, key in ((d, "model"), (d["dataset"], "source")):
+            if is_local_path(table[key]):
+                value = table.pop(key)
+                if paths == "relative":
+                    table[f"{key}_rel"] = study_relative(value, self.study_dir)
         return d
 
     @property
+    def hashed(self) -> dict[str, Any]:
+        """What :attr:`run_id` hashes."""
+        return self.identity("relative")
+
+    @property
     def run_id(self) -> str:
-        blob = json.dumps(self.hashed, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_hash(self.hashed)
+
+    @property
+    def legacy_run_id(self) -> str:
+        """The id this run had before portable run ids (absolute local paths hashed): see ``peftbench migrate``."""
+        return config_hash(self.identity("absolute"))
 
     @property
     def label(self) -> str:
@@ -248,7 +231,25 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        """From ``config.json`` (one written before a field with a default existed gets the default)."""
+        fields = dataclasses.fields(cls)
+        return cls(**{f.name: d[f.name] for f in fields if f.name in d or f.default is dataclasses.MISSING})
+
+
+def config_hash(hashed: dict[str, Any]) -> str:
+    """First 16 hex digits of the SHA-256 of the canonical JSON of ``hashed``: a run id."""
+    blob = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_local_path(value: str) -> bool:
+    """A model or dataset source that names a place on this machine (study paths are resolved to absolute ones)."""
+    return not value.startswith("builtin:") and Path(value).is_absolute()
+
+
+def study_relative(path: str, study_dir: str) -> str:
+    """``path`` relative to ``study_dir`` (symlinks resolved, ``/`` separators): what a run id hashes of a local path."""
+    return Path(os.path.relpath(os.path.realpath(path), os.path.realpath(study_dir))).as_posix()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -470,6 +471,7 @@ def _flat(v: list) -> bool:
 def expand_runs(study: Study) -> list[RunConfig]:
     """Expand a study into its runs (deduplicated by run id, in a stable order)."""
     runs: dict[str, RunConfig] = {}
+    study_dir = str(study.path.parent.resolve()) if study.path else None
     for model in study.models:
         for dataset in study.datasets.values():
             for arm in study.arms:
@@ -483,7 +485,8 @@ def expand_runs(study: Study) -> list[RunConfig]:
                         tparams = spec.relevant_train(tparams)
                         for seed in study.seeds:
                             run = RunConfig(study=study.name, arm=label, model=model, dataset=dataset,
-                                            method=arm.method, method_params=mparams, train=tparams, seed=seed)
+                                            method=arm.method, method_params=mparams, train=tparams, seed=seed,
+                                            study_dir=study_dir)
                             runs.setdefault(run.run_id, run)
     return list(runs.values())
 
@@ -503,7 +506,7 @@ def reference_markdown() -> str:
         rows = [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, (kind, default, doc) in fields.items():
             shown = "—" if default is None else f"`{json.dumps(default)}`"
-            rows.append(f"| `{key}` | {_type_name(kind)} | {shown} | {doc} |")
+            rows.append(f"| `{key}` | {type_name(kind)} | {shown} | {doc} |")
         return "\n".join(rows)
 
     parts = [table("`[train]` (and any arm)", TRAIN_FIELDS), table("`[datasets.NAME]`", DATASET_FIELDS),

@@ -1,13 +1,15 @@
-"""Where runs execute: here, one after another (``runner.run_study``), or as Ray tasks across GPUs and machines.
+"""Where runs execute: here, one after another (:func:`run_study`), or as Ray tasks across GPUs and machines.
 
-Both executors go through :func:`execute_claimed`, so the store stays the single source of truth: a run is trained only
+Both executors plan the study the same way (:func:`plan_runs`), count what comes back the same way
+(:func:`account_result`) and go through :func:`execute_claimed`, so the store stays the single source of truth: a run is trained only
 by the runner holding its claim (``STORE/.claims/<run_id>``), its folder appears atomically when it is finished, and a
 study resumes correctly whichever executor ran what. Ray is imported only by :func:`run_ray`.
 
 Example::
 
     >>> from peftbench.config import load_study
-    >>> from peftbench.executors import run_ray
+    >>> from peftbench.executors import run_ray, run_study
+    >>> summary = run_study(load_study("studies/demo.toml"), store="runs")                   # doctest: +SKIP
     >>> summary = run_ray(load_study("studies/demo.toml"), address="auto", gpus_per_run=1)   # doctest: +SKIP
 """
 
@@ -15,17 +17,126 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from peftbench.config import RunConfig, Study
-from peftbench.runner import StudySummary, account_result, environment_base, execute_run, pick_device, plan_runs
+from peftbench import methods
+from peftbench.config import RunConfig, Study, expand_runs
+from peftbench.environment import environment_base, pick_device
+from peftbench.runner import execute_run, get_splits
 from peftbench.store import HEARTBEAT_S, HOST, Store, write_json
+
+
+@dataclass
+class StudySummary:
+    """What a study run did: its run ids, how many were trained now, skipped (already stored), failed, or left to
+    another runner."""
+
+    store: Path
+    run_ids: list[str]
+    done: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)  # left to another runner that held them when their turn came
+
+
+def expected_work(run: RunConfig) -> float:
+    """A run's weight in the study's ETA: examples it will push through the encoder, a training pass counting as
+    three forward passes (forward + backward)."""
+    try:
+        info = get_splits(run.dataset).info
+    except Exception:  # noqa: BLE001 - the run itself will report the problem
+        return 1.0
+    n_train, n_val, n_test = (info.get(f"n_{role}", 0) for role in ("train", "validation", "test"))
+    if methods.is_baseline(run.method):
+        return float(max(n_test, 1))
+    if methods.uses_frozen_encoder(run.method) and run.train.get("cache_frozen_features", True):
+        return float(max(n_train + n_val + n_test, 1))  # the encoder runs once per example
+    epochs = run.train.get("epochs", 0) if methods.METHODS[run.method].trains else 0
+    return float(max(epochs * (3 * n_train + n_val) + n_val + n_test, 1))
+
+
+def plan_runs(study: Study, store: Store, retry_failed: bool = True,
+              runs: list[RunConfig] | None = None) -> tuple["StudySummary", list[RunConfig]]:
+    """Open the store (removing half-built folders of dead runners) and split the study's runs (or ``runs``, a subset
+    such as the seeds ``--until-decided`` adds) into those already done (counted in the summary) and those to run
+    (unique by run id)."""
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.clean_stale()
+    runs = expand_runs(study) if runs is None else runs
+    summary = StudySummary(store=store.root, run_ids=[r.run_id for r in runs])
+    todo = []
+    for run in {r.run_id: r for r in runs}.values():  # two identical arms are one run
+        status = store.status(run.run_id)
+        if status == "success" or (status == "failed" and not retry_failed):
+            summary.skipped += 1
+            if status == "failed":
+                summary.failed.append(run.run_id)
+        else:
+            todo.append(run)
+    return summary, todo
+
+
+def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, Any] | None, store: Store,
+                   tail: str = "") -> None:
+    """Count one returned run in ``summary`` and print one line about it (both executors). ``result`` None: another
+    runner holds the run, or finished it since we looked. ``tail`` ends the line of a finished run (the study ETA)."""
+    if result is None:
+        if store.status(run.run_id) is None:
+            summary.claimed.append(run.run_id)
+            holder = (store.claim_info(run.run_id) or {}).get("owner")
+            tqdm.write(f"skip   {run.label}: held by another runner" + (f" ({holder})" if holder else ""))
+        else:
+            summary.skipped += 1
+            if store.status(run.run_id) == "failed":
+                summary.failed.append(run.run_id)
+        return
+    summary.done += 1
+    if result["status"] == "failed":
+        summary.failed.append(run.run_id)
+        tqdm.write(f"FAILED {run.label}: {result['error']}")
+        return
+    costs = result.get("costs") or {}
+    speed = costs.get("train_examples_per_s")
+    tqdm.write(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
+               f"{costs.get('train_time_s', 0):.1f}s train" + (f", {speed:.0f} ex/s" if speed else "") + tail)
+
+
+def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
+              retry_failed: bool = True, runs: list[RunConfig] | None = None) -> StudySummary:
+    """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
+
+    A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False. A run whose
+    claim another live runner holds (another ``peftbench run`` on the same store) is left to it. ``runs``: only these
+    runs of the study (default: all of them).
+    """
+    store_obj = Store(store or study.store)
+    summary, todo = plan_runs(study, store_obj, retry_failed, runs)
+    dev = pick_device(device)
+    owner = new_owner("local")
+    seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
+    # The study bar counts expected work (examples through the encoder), so its ETA weighs a 3-epoch full fine-tuning
+    # run more than a frozen-encoder one; each finished run also prints the ETA measured so far.
+    work = {run.run_id: expected_work(run) for run in todo}
+    total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
+    bar = tqdm(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
+    for i, run in enumerate(todo, 1):
+        bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
+        result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id])
+        bar.update(round(work[run.run_id]))
+        done_work += work[run.run_id]
+        left = total_work - done_work
+        eta = f"; study ETA {tqdm.format_interval((time.perf_counter() - started) / done_work * left)}" if left else ""
+        account_result(summary, run, result, store_obj, eta)
+    bar.close()
+    return summary
 
 
 def new_owner(kind: str) -> str:

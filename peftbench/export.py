@@ -222,7 +222,7 @@ with `--merge` for a folder that plain transformers loads.
 def load_predictor(source: str | Path, device: str | torch.device = "cpu", batch_size: int | None = None
                    ) -> Predictor:
     """A run folder or a folder written by ``export_run``, ready to classify texts."""
-    from peftbench.runner import pick_device
+    from peftbench.environment import pick_device
 
     source = Path(source)
     dev = pick_device(device) if isinstance(device, str) else device

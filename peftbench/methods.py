@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftbench import baselines
+from peftbench.fields import ConfigError, check_value
 
 # Default LoRA targets per architecture (model_type → nn.Linear leaf names): the attention query and value projections.
 DEFAULT_TARGETS = {
@@ -86,8 +87,6 @@ class Method:
     prepare: Callable[..., nn.Module] | None = None
 
     def check(self, where: str, key: str, value: Any) -> Any:
-        from peftbench.config import ConfigError, check_value
-
         kind, _, _ = self.params[key]
         value = check_value(f"{where}.{key}", kind, value)
         if self.name in baselines.BASELINE_PARAMS:
@@ -124,8 +123,6 @@ class Method:
 
     def finalize(self, params: dict[str, Any]) -> dict[str, Any]:
         """Resolve relative values once the grid is expanded (``lora_alpha = '2r'`` → 2·r)."""
-        from peftbench.config import ConfigError
-
         params = dict(params)
         alpha = params.get("lora_alpha")
         if isinstance(alpha, str):

@@ -1,26 +1,23 @@
-"""One run end to end (data → model → method → train → evaluate → store), and a study as a loop over runs.
+"""One run end to end (data → model → method → train → evaluate → store), and evaluating a stored run again.
+
+Studies (loops over runs) are executed by :mod:`peftbench.executors`; the process set-up (device, threads, seeding,
+environment, peak memory) is :mod:`peftbench.environment`.
 
 Example::
 
     >>> from peftbench.config import load_study, expand_runs
-    >>> from peftbench.runner import run_study
-    >>> summary = run_study(load_study("studies/demo.toml"), store="runs")   # doctest: +SKIP
+    >>> from peftbench.runner import execute_run
+    >>> from peftbench.store import Store
+    >>> result = execute_run(expand_runs(load_study("studies/demo.toml"))[0], Store("runs"), "cpu")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import platform
-import random
-import socket
-import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from peftbench import baselines, methods
-from peftbench.config import ConfigError, RunConfig, Study, expand_runs
+from peftbench.config import ConfigError, RunConfig, Study
 from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
-from peftbench.engine import TrainSettings, bf16_supported, cpu_numerics, make_optimizer, predict, train
+from peftbench.engine import TrainSettings, bf16_supported, make_optimizer, predict, train
+from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
 from peftbench.store import Store, write_json
-
-PACKAGES = ("torch", "transformers", "peft", "datasets", "scikit-learn", "numpy", "pandas", "tokenizers",
-            "safetensors")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA if available, else Apple MPS, else CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def set_threads() -> int:
-    """Intra-op threads = the physical cores this process may use (more threads than cores only adds contention),
-    unless ``OMP_NUM_THREADS`` chooses. Returns the number in use."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        import psutil
-
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        cores = min(usable, psutil.cpu_count(logical=False) or usable)
-        if torch.get_num_threads() != cores:
-            torch.set_num_threads(max(1, cores))
-    return torch.get_num_threads()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,64 +44,6 @@ def _cached_splits(spec_json: str) -> Splits:
 def get_splits(spec: dict[str, Any]) -> Splits:
     """Load a dataset once per process (a study reuses it across arms and seeds)."""
     return _cached_splits(json.dumps(spec, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=1)
-def environment_base() -> dict[str, Any]:
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        git_hash = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                  text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        git_hash = None
-    try:
-        versions["peftbench"] = metadata.version("peftbench")
-    except metadata.PackageNotFoundError:
-        versions["peftbench"] = None
-    return {"python": platform.python_version(), "packages": versions, "git_hash": git_hash,
-            "hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu": cpu_numerics()}
-
-
-class PeakMemory:
-    """Peak memory during a block: CUDA max allocated on GPU, else the process RSS sampled every 20 ms."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            import psutil
-
-            proc = psutil.Process()
-            self.peak = proc.memory_info().rss
-
-            def sample():
-                while not self._stop.wait(0.02):
-                    self.peak = max(self.peak, proc.memory_info().rss)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-        return False
-
-    @property
-    def kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
 
 
 @dataclass
@@ -397,110 +304,6 @@ def _run_baseline(run: RunConfig, store: Store, out: Path, env: dict) -> dict[st
     return {"labels": splits.labels, "dataset_info": splits.info,
             "metrics": {"validation": val, "test": test_metrics, "best_epoch": None, "epochs_run": 0},
             "params": res.params, "costs": res.costs, "baseline_info": res.info}
-
-
-@dataclass
-class StudySummary:
-    store: Path
-    run_ids: list[str]
-    done: int = 0
-    skipped: int = 0
-    failed: list[str] = field(default_factory=list)
-    claimed: list[str] = field(default_factory=list)  # left to another runner that held them when their turn came
-
-
-def expected_work(run: RunConfig) -> float:
-    """A run's weight in the study's ETA: examples it will push through the encoder, a training pass counting as
-    three forward passes (forward + backward)."""
-    try:
-        info = get_splits(run.dataset).info
-    except Exception:  # noqa: BLE001 - the run itself will report the problem
-        return 1.0
-    n_train, n_val, n_test = (info.get(f"n_{role}", 0) for role in ("train", "validation", "test"))
-    if methods.is_baseline(run.method):
-        return float(max(n_test, 1))
-    if methods.uses_frozen_encoder(run.method) and run.train.get("cache_frozen_features", True):
-        return float(max(n_train + n_val + n_test, 1))  # the encoder runs once per example
-    epochs = run.train.get("epochs", 0) if methods.METHODS[run.method].trains else 0
-    return float(max(epochs * (3 * n_train + n_val) + n_val + n_test, 1))
-
-
-def plan_runs(study: Study, store: Store, retry_failed: bool = True,
-              runs: list[RunConfig] | None = None) -> tuple["StudySummary", list[RunConfig]]:
-    """Open the store (removing half-built folders of dead runners) and split the study's runs (or ``runs``, a subset
-    such as the seeds ``--until-decided`` adds) into those already done (counted in the summary) and those to run
-    (unique by run id)."""
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.clean_stale()
-    runs = expand_runs(study) if runs is None else runs
-    summary = StudySummary(store=store.root, run_ids=[r.run_id for r in runs])
-    todo = []
-    for run in {r.run_id: r for r in runs}.values():  # two identical arms are one run
-        status = store.status(run.run_id)
-        if status == "success" or (status == "failed" and not retry_failed):
-            summary.skipped += 1
-            if status == "failed":
-                summary.failed.append(run.run_id)
-        else:
-            todo.append(run)
-    return summary, todo
-
-
-def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, Any] | None, store: Store,
-                   tail: str = "") -> None:
-    """Count one returned run in ``summary`` and print one line about it (both executors). ``result`` None: another
-    runner holds the run, or finished it since we looked. ``tail`` ends the line of a finished run (the study ETA)."""
-    if result is None:
-        if store.status(run.run_id) is None:
-            summary.claimed.append(run.run_id)
-            holder = (store.claim_info(run.run_id) or {}).get("owner")
-            tqdm.write(f"skip   {run.label}: held by another runner" + (f" ({holder})" if holder else ""))
-        else:
-            summary.skipped += 1
-            if store.status(run.run_id) == "failed":
-                summary.failed.append(run.run_id)
-        return
-    summary.done += 1
-    if result["status"] == "failed":
-        summary.failed.append(run.run_id)
-        tqdm.write(f"FAILED {run.label}: {result['error']}")
-        return
-    costs = result.get("costs") or {}
-    speed = costs.get("train_examples_per_s")
-    tqdm.write(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
-               f"{costs.get('train_time_s', 0):.1f}s train" + (f", {speed:.0f} ex/s" if speed else "") + tail)
-
-
-def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
-              retry_failed: bool = True, runs: list[RunConfig] | None = None) -> StudySummary:
-    """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
-
-    A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False. A run whose
-    claim another live runner holds (another ``peftbench run`` on the same store) is left to it. ``runs``: only these
-    runs of the study (default: all of them).
-    """
-    from peftbench.executors import execute_claimed, new_owner
-
-    store_obj = Store(store or study.store)
-    summary, todo = plan_runs(study, store_obj, retry_failed, runs)
-    dev = pick_device(device)
-    owner = new_owner("local")
-    seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
-    # The study bar counts expected work (examples through the encoder), so its ETA weighs a 3-epoch full fine-tuning
-    # run more than a frozen-encoder one; each finished run also prints the ETA measured so far.
-    work = {run.run_id: expected_work(run) for run in todo}
-    total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
-    bar = tqdm(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
-    for i, run in enumerate(todo, 1):
-        bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
-        result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id])
-        bar.update(round(work[run.run_id]))
-        done_work += work[run.run_id]
-        left = total_work - done_work
-        eta = f"; study ETA {tqdm.format_interval((time.perf_counter() - started) / done_work * left)}" if left else ""
-        account_result(summary, run, result, store_obj, eta)
-    bar.close()
-    return summary
 
 
 def check_study_inputs(study: Study) -> None:

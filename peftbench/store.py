@@ -104,6 +104,19 @@ class Store:
         os.replace(tmp, final)
         return final
 
+    def rename_run(self, old_id: str, new_id: str, config: dict[str, Any]) -> None:
+        """Move a stored run to another id (a store migration): its ``config.json`` and ``result.json`` get ``config``
+        and ``new_id``, then the folder is renamed (a kill in between leaves it under its old id, to migrate again)."""
+        final = self.run_dir(new_id)
+        if final.exists():
+            raise FileExistsError(f"{final}: already stored")
+        old = self.run_dir(old_id)
+        result = read_result(old) or {}
+        result.update(run_id=new_id, config=config)
+        write_json(old / "config.json", config)
+        write_json(old / RESULT, result)
+        os.replace(old, final)
+
     def clean_stale(self) -> None:
         """Remove half-built folders left by processes that no longer exist. A folder of another host (shared store)
         cannot be checked by pid: it goes once its run has no live claim and it is older than ``CLAIM_TIMEOUT_S``."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from peftbench.config import expand_runs, load_study
-from peftbench.runner import run_study
+from peftbench.executors import run_study
 from peftbench.store import CLAIM_TIMEOUT_S, HOST, Store, load_results, write_json
 from tests.conftest import write_study
 

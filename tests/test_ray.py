@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from peftbench.config import expand_runs, load_study  # noqa: E402
 from peftbench.executors import run_ray  # noqa: E402
-from peftbench.runner import run_study  # noqa: E402
+from peftbench.executors import run_study  # noqa: E402
 from peftbench.store import HOST, Store  # noqa: E402
 from tests.conftest import TINY_ARMS, write_study  # noqa: E402
 

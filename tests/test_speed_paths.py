@@ -16,7 +16,8 @@ from peftbench.cli import main
 from peftbench.data import dataset_defaults, load_splits, tokenize
 from peftbench.engine import TrainSettings, train
 from peftbench.models import build_classifier, load_tokenizer
-from peftbench.runner import Prepared, expected_work
+from peftbench.executors import expected_work
+from peftbench.runner import Prepared
 from peftbench.store import Store
 from tests.conftest import write_study
 
@@ -27,7 +28,7 @@ LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "auto", 
 def one_thread(monkeypatch):
     """Tiny models gain nothing from threads, and on a busy machine idle-spinning OpenMP threads slow them 100x."""
     threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # runner.set_threads leaves the count alone
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # environment.set_threads leaves the count alone
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)

@@ -1,0 +1,118 @@
+"""The process a run executes in: device choice, torch threads, seeding, the software environment stored with each
+result, and peak-memory sampling.
+
+Example::
+
+    >>> from peftbench.environment import pick_device, seed_everything
+    >>> seed_everything(0); pick_device("cpu")
+    device(type='cpu')
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import random
+import socket
+import subprocess
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftbench.engine import cpu_numerics
+
+PACKAGES = ("torch", "transformers", "peft", "datasets", "scikit-learn", "numpy", "pandas", "tokenizers",
+            "safetensors")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA if available, else Apple MPS, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_threads() -> int:
+    """Intra-op threads = the physical cores this process may use (more threads than cores only adds contention),
+    unless ``OMP_NUM_THREADS`` chooses. Returns the number in use."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import psutil
+
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = min(usable, psutil.cpu_count(logical=False) or usable)
+        if torch.get_num_threads() != cores:
+            torch.set_num_threads(max(1, cores))
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=1)
+def environment_base() -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        git_hash = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        git_hash = None
+    try:
+        versions["peftbench"] = metadata.version("peftbench")
+    except metadata.PackageNotFoundError:
+        versions["peftbench"] = None
+    return {"python": platform.python_version(), "packages": versions, "git_hash": git_hash,
+            "hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_numerics()}
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated on GPU, else the process RSS sampled every 20 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+            self.peak = proc.memory_info().rss
+
+            def sample():
+                while not self._stop.wait(0.02):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
