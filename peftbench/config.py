@@ -167,7 +167,7 @@ def _check_train(where: str, key: str, value: Any) -> Any:
     value = check_value(f"{where}.{key}", kind, value)
     if key in TRAIN_CHOICES and value not in TRAIN_CHOICES[key]:
         raise ConfigError(f"{where}.{key}: expected one of {', '.join(TRAIN_CHOICES[key])}, got {value!r}")
-    positive = {"epochs": 0, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
+    positive = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
     if key in positive and value is not None and value < positive[key]:
         raise ConfigError(f"{where}.{key}: expected an integer >= {positive[key]}, got {value!r}")
     if key == "lr" and value <= 0:
@@ -269,7 +269,10 @@ def read_study_file(path: str | Path) -> dict[str, Any]:
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
     else:
         try:
             raw = tomllib.loads(text)
@@ -417,6 +420,13 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         spec = methods.METHODS[method]
         _check_table(awhere, arm, spec.params, ARM_FIXED_FIELDS | set(TRAIN_FIELDS))
         arm_name = check_value(f"{awhere}.name", "str?", arm.get("name"))
+        for key, (_, default, _) in spec.params.items():  # a required parameter (llm's model) has no valid default
+            if key not in arm:
+                try:
+                    spec.check(awhere, key, default)
+                except ConfigError as e:
+                    reason = str(e).removeprefix(f"{awhere}.{key}: ")
+                    raise ConfigError(f"{awhere}.{key}: missing ({reason})") from None
         mparams, tparams = {}, {}
         for key, value in arm.items():
             if key in ARM_FIXED_FIELDS:
@@ -428,8 +438,21 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
                 tparams[key] = _grid(awhere, key, value, lambda w, k, v: _check_train(w, k, v))
         arms.append(Arm(method=method, name=arm_name, method_params=mparams, train=tparams))
 
-    return Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
-                 arms=arms, report=report, description=description)
+    study = Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
+                  arms=arms, report=report, description=description)
+    if "reference" in raw_report:
+        _check_reference(f"{where}: report.reference", study)
+    return study
+
+
+def _check_reference(where: str, study: Study) -> None:
+    """An explicit ``report.reference`` must name an arm: one of its labels, or a method of some arm (the rule of
+    ``peftbench.report.tables.find_reference``)."""
+    reference = study.report["reference"]
+    names = {arm.method for arm in study.arms} | {run.arm for run in expand_runs(study)}
+    if reference not in names:
+        raise ConfigError(f"{where}: {reference!r} names no arm (expected an arm label or method: "
+                          f"{', '.join(sorted(names))})")
 
 
 def _list_keys(fields: dict[str, tuple[Any, Any, str]]) -> set[str]:
