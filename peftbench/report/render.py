@@ -160,7 +160,8 @@ def markdown(blocks: list[tuple]) -> str:
         elif kind == "table":
             parts.append(markdown_table(block[1]) if len(block[1]) else "_(none)_")
         elif kind == "img":
-            parts.append(f"![{block[3]}]({block[1]})")
+            alt = block[3].replace("[", "\\[").replace("]", "\\]")
+            parts.append(f"![{defuse(alt)}]({block[1]})")
     return "\n\n".join(parts) + "\n"
 
 
