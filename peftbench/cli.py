@@ -331,17 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text: str) -> str:
+    """One line whatever the message quotes: newlines and other control characters (from a study's keys and values,
+    or a data file) are shown escaped, as Python would write them."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftbench`` console script."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"peftbench: error: {e}", file=sys.stderr)
+        print(f"peftbench: error: {_printable(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # the store or a report folder could not be written (read-only, disk full, a file in the way)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"peftbench: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"peftbench: error: {_printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2 if e.errno in BAD_INPUT_ERRNOS else 1
     except KeyboardInterrupt:
         print("\npeftbench: interrupted; finished runs are kept, the run in progress was discarded",

@@ -415,7 +415,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         if not isinstance(arm, dict):
             raise ConfigError(f"{awhere}: expected a table, got {arm!r}")
         method = arm.get("method")
-        if method not in methods.METHODS:
+        if not isinstance(method, str) or method not in methods.METHODS:
             raise ConfigError(f"{awhere}.method: expected one of {', '.join(methods.METHODS)}, got {method!r}")
         spec = methods.METHODS[method]
         _check_table(awhere, arm, spec.params, ARM_FIXED_FIELDS | set(TRAIN_FIELDS))
