@@ -27,7 +27,8 @@ from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, Confi
 from peftbench.methods import LORA_PARAMS, METHODS
 
 # OSErrors that mean the command was pointed at the wrong place (exit 2, like any bad input); others exit 1.
-BAD_INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+BAD_INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT,
+                    errno.ENAMETOOLONG}
 
 _KIND_TYPES = {int: int, float: float, str: str, "int?": int, "float?": float, "str?": str, "int|str": None,
                "list[str]": str, "list[str]?": str}

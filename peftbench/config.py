@@ -337,8 +337,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cwd: Path | None 
     return raw
 
 
-def _resolve_path(value: str, base: Path | None) -> str:
+def _resolve_path(value: str, base: Path | None, where: str) -> str:
     """Relative local paths in a study file are relative to the file's folder."""
+    if "\x00" in value:
+        raise ConfigError(f"{where}: expected a path or name, got one with a NUL character: {value!r}")
     if base is None or value.startswith("builtin:") or Path(value).is_absolute():
         return value
     candidate = (base / value).resolve()
@@ -353,7 +355,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
 
     name = check_value(f"{where}: name", str, raw.get("name", path.stem if path else "study"))
     description = check_value(f"{where}: description", str, raw.get("description", ""))
-    store = check_value(f"{where}: store", str, raw.get("store", "runs"))
+    store = _resolve_path(check_value(f"{where}: store", str, raw.get("store", "runs")), None, f"{where}: store")
 
     seeds = raw.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
@@ -365,7 +367,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     models = [models] if isinstance(models, str) else models
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{where}: models: expected a non-empty list of model names, got {models!r}")
-    models = [_resolve_path(check_value(f"{where}: models", str, m), base) for m in models]
+    models = [_resolve_path(check_value(f"{where}: models", str, m), base, f"{where}: models") for m in models]
 
     raw_datasets = raw.get("datasets", {"rotten_tomatoes": {"source": "builtin:rotten_tomatoes"}})
     if not isinstance(raw_datasets, dict) or not raw_datasets:
@@ -387,7 +389,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         for key in ("validation_fraction", "test_fraction"):
             if not 0 < resolved[key] < 1:
                 raise ConfigError(f"{dwhere}.{key}: expected a fraction in (0, 1), got {resolved[key]!r}")
-        resolved["source"] = _resolve_path(resolved["source"], base)
+        resolved["source"] = _resolve_path(resolved["source"], base, f"{dwhere}.source")
         datasets[dname] = resolved
 
     raw_train = raw.get("train", {})

@@ -213,7 +213,8 @@ def _write(frame, path: Path, fmt: str) -> None:
 def test_fuzz_data_files(case, tmp_path_factory, tiny_bert, fuzz_store):
     train, test, fmt, action, target, number, odd = case
     folder = tmp_path_factory.mktemp("d")
-    frames = {"train": train, "test": test}
+    frames = {"train": train, "test": test.astype(object)} if target == "test" else {"train": train.astype(object),
+                                                                                      "test": test}
     frame = frames[target]
     if action == "missing" and len(frame):
         frame.loc[number % len(frame), "text" if number % 2 else "label"] = None
