@@ -160,7 +160,8 @@ def cmd_train(args) -> int:
            "arms": [{"method": args.method, **_picked(args, LORA_PARAMS, "lora_")}]}
     # The LoRA flags work for every method that takes the parameter (lora, loraplus, vera, ...); a method that does
     # not gets the usual "unknown key" error. Other method parameters: --set arms.0.KEY=VALUE.
-    flags = {*_picked(args, LORA_PARAMS, "lora_"), *_picked(args, TRAIN_FIELDS), *_picked(args, DATASET_FIELDS, "data_")}
+    flags = {*_picked(args, LORA_PARAMS, "lora_"), *_picked(args, TRAIN_FIELDS),
+             *_picked(args, DATASET_FIELDS, "data_")}
     try:
         study = validate_study(apply_overrides(raw, args.set), None)
     except ConfigError as e:  # name the flag the value came from, not its place in the study it made

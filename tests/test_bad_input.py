@@ -88,7 +88,8 @@ def read_only(folder: Path, monkeypatch):
         return guarded
 
     if os.geteuid() == 0:
-        monkeypatch.setattr(os, "open", refuse(os.open, lambda flags, *a: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+        writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+        monkeypatch.setattr(os, "open", refuse(os.open, lambda flags, *a: flags & writing))
         for name in ("mkdir", "replace", "rename", "unlink", "rmdir"):
             monkeypatch.setattr(os, name, refuse(getattr(os, name)))
     try:
