@@ -212,6 +212,19 @@ def subsample_test(labels: np.ndarray, n: int | None) -> np.ndarray:
     return np.sort(keep)
 
 
+def _llm_costs(usage, params: dict[str, Any], eval_time: float, n_texts: int) -> dict[str, Any]:
+    """Time, request and token counts of an llm arm, with their price (``estimated``: as a fresh run would pay,
+    ``spent``: only the replies fetched now, not served from the cache)."""
+
+    def cost(prompt: int, completion: int) -> float:
+        return prompt / 1000 * params["price_per_1k_input"] + completion / 1000 * params["price_per_1k_output"]
+
+    return {"train_time_s": 0.0, "eval_time_s": eval_time,
+            "eval_examples_per_s": n_texts / eval_time if eval_time else None, "eval_examples": n_texts,
+            **usage.as_dict(), "estimated_cost_usd": cost(usage.prompt_tokens, usage.completion_tokens),
+            "spent_cost_usd": cost(usage.new_prompt_tokens, usage.new_completion_tokens)}
+
+
 def run_llm(params: dict[str, Any], splits: Splits, seed: int, cache_dir: Path) -> BaselineResult:
     from peftbench import llm
 
@@ -221,24 +234,19 @@ def run_llm(params: dict[str, Any], splits: Splits, seed: int, cache_dir: Path) 
                                      params["shots"], seed, settings.truncate, settings.truncate_side)
     texts = splits.test["text"].to_numpy()[test_ids].tolist()
     start = time.perf_counter()
-    out = llm.classify(texts, splits.labels, settings, cache_dir, shots)
+    try:
+        out = llm.classify(texts, splits.labels, settings, cache_dir, shots)
+    except llm.LLMError as e:  # the tokens spent before the failure are a cost of the (failed) run
+        if getattr(e, "usage", None) is not None:
+            e.costs = _llm_costs(e.usage, params, time.perf_counter() - start, len(texts))
+        raise
     eval_time = time.perf_counter() - start
-
-    usage = out.usage
     invalid = np.flatnonzero(out.preds == llm.INVALID)
-
-    def cost(prompt: int, completion: int) -> float:
-        return prompt / 1000 * params["price_per_1k_input"] + completion / 1000 * params["price_per_1k_output"]
-
     return BaselineResult(
         preds=out.preds, probs=None, val_preds=None, val_probs=None,
         params={k: None for k in ("base_model", "total", "trainable", "adapter", "head", "encoder_trainable",
                                   "trainable_pct")},
-        costs={"train_time_s": 0.0, "eval_time_s": eval_time,
-               "eval_examples_per_s": len(texts) / eval_time if eval_time else None, "eval_examples": len(texts),
-               **usage.as_dict(), "invalid": int(len(invalid)),
-               "estimated_cost_usd": cost(usage.prompt_tokens, usage.completion_tokens),
-               "spent_cost_usd": cost(usage.new_prompt_tokens, usage.new_completion_tokens)},
+        costs={**_llm_costs(out.usage, params, eval_time, len(texts)), "invalid": int(len(invalid))},
         info={"system_prompt": out.system_prompt,
               "user_template": llm.user_message(["<text 1>", "<text 2>"]),
               "shot_train_ids": shot_ids, "invalid_test_ids": test_ids[invalid].tolist(),

@@ -17,7 +17,9 @@ Exit codes: 0 success, 1 some runs failed, 2 bad input (nothing stored is touche
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,10 @@ from typing import Any
 from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, ConfigError, apply_overrides,
                               expand_runs, load_study, validate_study)
 from peftbench.methods import LORA_PARAMS, METHODS
+
+# OSErrors that mean the command was pointed at the wrong place (exit 2, like any bad input); others exit 1.
+BAD_INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT,
+                    errno.ENAMETOOLONG}
 
 _KIND_TYPES = {int: int, float: float, str: str, "int?": int, "float?": float, "str?": str, "int|str": None,
                "list[str]": str, "list[str]?": str}
@@ -76,6 +82,11 @@ def cmd_validate(args) -> int:
     study = load_study(args.study, args.set)
     if not args.no_data:
         check_study_inputs(study)
+        from peftbench.data import describe_splits
+        from peftbench.runner import get_splits
+
+        for spec in study.datasets.values():
+            print(describe_splits(spec, get_splits(spec)))
     runs = expand_runs(study)
     store = Store(args.store or study.store)
     rows = [{"run_id": r.run_id, "arm": r.arm, "model": r.model, "dataset": r.dataset["name"],
@@ -120,6 +131,7 @@ def _run(study, args) -> int:
         sequential.check(study, args.max_seeds, args.seed_step)  # bad settings stop here, before anything runs
     elif getattr(args, "max_seeds", None) is not None:
         raise ConfigError("--max-seeds: only with --until-decided")
+    Store(args.store or study.store).check_writable()
     check_study_inputs(study)
     _notice_old_run_ids(study, Store(args.store or study.store))
     executor = getattr(args, "executor", "local")
@@ -221,7 +233,13 @@ def cmd_train(args) -> int:
            "arms": [{"method": args.method, **_picked(args, LORA_PARAMS, "lora_")}]}
     # The LoRA flags work for every method that takes the parameter (lora, loraplus, vera, ...); a method that does
     # not gets the usual "unknown key" error. Other method parameters: --set arms.0.KEY=VALUE.
-    study = validate_study(apply_overrides(raw, args.set), None)
+    flags = {*_picked(args, LORA_PARAMS, "lora_"), *_picked(args, TRAIN_FIELDS),
+             *_picked(args, DATASET_FIELDS, "data_")}
+    try:
+        study = validate_study(apply_overrides(raw, args.set), None)
+    except ConfigError as e:  # name the flag the value came from, not its place in the study it made
+        raise ConfigError(re.sub(r"^study: (?:arms\[0\]|train|datasets\.[^.:]+)\.(\w+):",
+                                 lambda m: f"--{m[1].replace('_', '-')}:" if m[1] in flags else m[0], str(e))) from None
     return _run(study, args)
 
 
@@ -439,14 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text: str) -> str:
+    """One line whatever the message quotes: newlines and other control characters (from a study's keys and values,
+    or a data file) are shown escaped, as Python would write them."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftbench`` console script."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"peftbench: error: {e}", file=sys.stderr)
+        print(f"peftbench: error: {_printable(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:  # the store or a report folder could not be written (read-only, disk full, a file in the way)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"peftbench: error: {_printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
+        return 2 if e.errno in BAD_INPUT_ERRNOS else 1
     except KeyboardInterrupt:
         print("\npeftbench: interrupted; finished runs are kept, the run in progress was discarded",
               file=sys.stderr)

@@ -129,7 +129,7 @@ def _check_train(where: str, key: str, value: Any) -> Any:
     value = check_value(f"{where}.{key}", kind, value)
     if key in TRAIN_CHOICES and value not in TRAIN_CHOICES[key]:
         raise ConfigError(f"{where}.{key}: expected one of {', '.join(TRAIN_CHOICES[key])}, got {value!r}")
-    positive = {"epochs": 0, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
+    positive = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
     if key in positive and value is not None and value < positive[key]:
         raise ConfigError(f"{where}.{key}: expected an integer >= {positive[key]}, got {value!r}")
     if key == "lr" and value <= 0:
@@ -272,7 +272,10 @@ def read_study_file(path: str | Path) -> dict[str, Any]:
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
     else:
         try:
             raw = tomllib.loads(text)
@@ -337,8 +340,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cwd: Path | None 
     return raw
 
 
-def _resolve_path(value: str, base: Path | None) -> str:
+def _resolve_path(value: str, base: Path | None, where: str) -> str:
     """Relative local paths in a study file are relative to the file's folder."""
+    if "\x00" in value:
+        raise ConfigError(f"{where}: expected a path or name, got one with a NUL character: {value!r}")
     if base is None or value.startswith("builtin:") or Path(value).is_absolute():
         return value
     candidate = (base / value).resolve()
@@ -353,7 +358,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
 
     name = check_value(f"{where}: name", str, raw.get("name", path.stem if path else "study"))
     description = check_value(f"{where}: description", str, raw.get("description", ""))
-    store = check_value(f"{where}: store", str, raw.get("store", "runs"))
+    store = _resolve_path(check_value(f"{where}: store", str, raw.get("store", "runs")), None, f"{where}: store")
 
     seeds = raw.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
@@ -365,7 +370,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     models = [models] if isinstance(models, str) else models
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{where}: models: expected a non-empty list of model names, got {models!r}")
-    models = [_resolve_path(check_value(f"{where}: models", str, m), base) for m in models]
+    models = [_resolve_path(check_value(f"{where}: models", str, m), base, f"{where}: models") for m in models]
 
     raw_datasets = raw.get("datasets", {"rotten_tomatoes": {"source": "builtin:rotten_tomatoes"}})
     if not isinstance(raw_datasets, dict) or not raw_datasets:
@@ -387,7 +392,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         for key in ("validation_fraction", "test_fraction"):
             if not 0 < resolved[key] < 1:
                 raise ConfigError(f"{dwhere}.{key}: expected a fraction in (0, 1), got {resolved[key]!r}")
-        resolved["source"] = _resolve_path(resolved["source"], base)
+        resolved["source"] = _resolve_path(resolved["source"], base, f"{dwhere}.source")
         datasets[dname] = resolved
 
     raw_train = raw.get("train", {})
@@ -416,11 +421,18 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         if not isinstance(arm, dict):
             raise ConfigError(f"{awhere}: expected a table, got {arm!r}")
         method = arm.get("method")
-        if method not in methods.METHODS:
+        if not isinstance(method, str) or method not in methods.METHODS:
             raise ConfigError(f"{awhere}.method: expected one of {', '.join(methods.METHODS)}, got {method!r}")
         spec = methods.METHODS[method]
         _check_table(awhere, arm, spec.params, ARM_FIXED_FIELDS | set(TRAIN_FIELDS))
         arm_name = check_value(f"{awhere}.name", "str?", arm.get("name"))
+        for key, (_, default, _) in spec.params.items():  # a required parameter (llm's model) has no valid default
+            if key not in arm:
+                try:
+                    spec.check(awhere, key, default)
+                except ConfigError as e:
+                    reason = str(e).removeprefix(f"{awhere}.{key}: ")
+                    raise ConfigError(f"{awhere}.{key}: missing ({reason})") from None
         mparams, tparams = {}, {}
         for key, value in arm.items():
             if key in ARM_FIXED_FIELDS:
@@ -432,8 +444,21 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
                 tparams[key] = _grid(awhere, key, value, lambda w, k, v: _check_train(w, k, v))
         arms.append(Arm(method=method, name=arm_name, method_params=mparams, train=tparams))
 
-    return Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
-                 arms=arms, report=report, description=description)
+    study = Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
+                  arms=arms, report=report, description=description)
+    if "reference" in raw_report:
+        _check_reference(f"{where}: report.reference", study)
+    return study
+
+
+def _check_reference(where: str, study: Study) -> None:
+    """An explicit ``report.reference`` must name an arm: one of its labels, or a method of some arm (the rule of
+    ``peftbench.report.tables.find_reference``)."""
+    reference = study.report["reference"]
+    names = {arm.method for arm in study.arms} | {run.arm for run in expand_runs(study)}
+    if reference not in names:
+        raise ConfigError(f"{where}: {reference!r} names no arm (expected an arm label or method: "
+                          f"{', '.join(sorted(names))})")
 
 
 def _list_keys(fields: dict[str, tuple[Any, Any, str]]) -> set[str]:

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import socket
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from peftbench.config import DATASET_FIELDS, ConfigError
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 ROLES = ("train", "validation", "test")
 GROUP_FOLDS = 20  # builtin:rotten_tomatoes: movies are cut into this many label-stratified folds
+MAX_UNNAMED_LABELS = 10_000  # integer label ids without label names: ids above this are a data error, not classes
 
 
 @dataclass
@@ -98,8 +100,9 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
     except ConfigError:
         raise
-    except (ValueError, pd.errors.ParserError, OSError) as e:
-        raise ConfigError(f"{path}: cannot parse as {suffix[1:]} ({str(e).splitlines()[0]})") from None
+    except (ValueError, pd.errors.ParserError, OSError, EOFError, zlib.error) as e:  # truncated gzip: EOFError
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: cannot parse as {suffix[1:]} ({reason})") from None
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
@@ -108,6 +111,44 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+# The usual names of a validation split, tried in this order when ``validation_split`` is left at "validation".
+VALIDATION_ALIASES = ("validation", "val", "dev", "valid")
+
+
+def _data_stem(path: Path) -> str | None:
+    """``val.csv.gz`` → ``val``; None for a file that is not a data file (labels.txt, SOURCE.md)."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return name[: -len(Path(name).suffix)] if Path(name).suffix in EXTENSIONS else None
+
+
+def split_files(spec: dict[str, Any]) -> dict[str, Path]:
+    """Role → the file of a local dataset folder that holds it (roles without a file are carved from train).
+
+    ``validation_split`` at its default also finds ``val``, ``dev`` and ``valid`` files. A data file that no split
+    name matches is an error (it would be silently ignored), as is a validation or test split named explicitly but
+    absent."""
+    folder = Path(spec["source"])
+    found: dict[str, Path] = {}
+    for role, split in split_names(spec).items():
+        names = VALIDATION_ALIASES if role == "validation" and split == "validation" else (split,)
+        hit = next((f for f in (_find_split_file(folder, n) for n in names) if f is not None), None)
+        if hit is not None:
+            found[role] = hit
+        elif role != "train" and split != DATASET_FIELDS[f"{role}_split"][1]:
+            raise ConfigError(f"{folder}: no {split}.csv/.tsv/.jsonl/.parquet file for {role}_split = {split!r} "
+                              f"(data files: {', '.join(_data_files(folder)) or 'none'})")
+    known = {spec[f"{role}_split"] for role in ROLES} | set(VALIDATION_ALIASES)
+    stray = [name for name in _data_files(folder) if _data_stem(folder / name) not in known]
+    if stray:
+        raise ConfigError(f"{folder}: data file {stray[0]} matches no split (files: {', '.join(_data_files(folder))}; "
+                          f"name them train/validation/test or set train_split, validation_split, test_split)")
+    return found
+
+
+def _data_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and _data_stem(p) is not None)
 
 
 def split_names(spec: dict[str, Any]) -> dict[str, str]:
@@ -121,19 +162,27 @@ def split_names(spec: dict[str, Any]) -> dict[str, str]:
 def _load_local(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] | None]:
     path = Path(spec["source"])
     if path.is_file():
-        return {"train": read_table(path)}, None
-    frames = {}
-    for role, split in split_names(spec).items():
-        found = _find_split_file(path, split)
-        if found:
-            frames[role] = read_table(found)
+        return {"train": _read_rows(path, spec, "train")}, None
+    frames = {role: _read_rows(found, spec, role) for role, found in split_files(spec).items()}
     if "train" not in frames:
         raise ConfigError(f"{path}: no {spec['train_split']}.csv/.tsv/.jsonl/.parquet file (dataset "
                           f"'{spec['name']}', field train_split)")
     labels_file = path / "labels.txt"
-    names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()] \
-        if labels_file.is_file() else None
-    return frames, names
+    names = None
+    if labels_file.is_file():
+        try:
+            names = [line.strip() for line in labels_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{labels_file}: not UTF-8 text (invalid byte at position {e.start})") from None
+    return frames, names or None
+
+
+def _read_rows(path: Path, spec: dict[str, Any], role: str) -> pd.DataFrame:
+    """A split's file as a frame; a file without a single data row (a header only, or nothing) is an error."""
+    frame = read_table(path)
+    if not len(frame):
+        raise ConfigError(f"{path}: no data rows (dataset '{spec['name']}', {role} split)")
+    return frame
 
 
 def _load_hub(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] | None]:
@@ -214,6 +263,12 @@ def _clean(frame: pd.DataFrame, spec: dict[str, Any], role: str) -> pd.DataFrame
         row = int(np.flatnonzero(bad.values)[0])
         raise ConfigError(f"{where}: empty or missing text in {int(bad.sum())} rows (first: row {row}); "
                           f"remove them or fix column {spec['text_column']!r}")
+    labels = out["label"]
+    bad = labels.isna() | (labels.astype(str).str.strip() == "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.values)[0])
+        raise ConfigError(f"{where}: empty or missing label in {int(bad.sum())} rows (first: row {row}); "
+                          f"remove them or fix column {spec['label_column']!r}")
     return out
 
 
@@ -235,14 +290,24 @@ def _label_ids(frames: dict[str, pd.DataFrame], names: list[str] | None, spec: d
                                   f"{', '.join(names)}")
             frame["label"] = frame["label"].map(lambda v: index[str(v)]).astype(int)
     else:
-        for frame in frames.values():
-            frame["label"] = frame["label"].astype(int)
+        for role, frame in frames.items():
+            try:
+                frame["label"] = frame["label"].astype(np.int64)
+            except (OverflowError, ValueError, TypeError):
+                raise ConfigError(f"dataset '{spec['name']}' ({role}): label ids in column {spec['label_column']!r} "
+                                  f"do not fit a 64-bit integer") from None
         n = int(max(f["label"].max() for f in frames.values())) + 1
+        if names is None and n > MAX_UNNAMED_LABELS:
+            raise ConfigError(f"dataset '{spec['name']}': label id {n - 1} in column {spec['label_column']!r}: ids "
+                              f"without names must lie in 0..{MAX_UNNAMED_LABELS - 1} (or give the names: labels)")
         names = names or [str(i) for i in range(n)]
         if n > len(names) or min(f["label"].min() for f in frames.values()) < 0:
             raise ConfigError(f"dataset '{spec['name']}': label ids must lie in 0..{len(names) - 1} "
                               f"(one per name in labels)")
     seen = set(frames["train"]["label"])
+    if len(seen) < 2:
+        raise ConfigError(f"dataset '{spec['name']}' (train): only one class ({names[next(iter(seen))]!r}) in column "
+                          f"{spec['label_column']!r} (field label_column); a classifier needs examples of at least 2")
     for role in ("validation", "test"):
         if role in frames:
             unseen = sorted(set(frames[role]["label"]) - seen)
@@ -266,7 +331,10 @@ def _split(frame: pd.DataFrame, size: int | float, seed: int) -> tuple[pd.DataFr
     try:
         a, b = train_test_split(frame, train_size=size, random_state=seed, stratify=stratify)
     except ValueError:  # too few examples per class for a stratified split of this size
-        a, b = train_test_split(frame, train_size=size, random_state=seed)
+        try:
+            a, b = train_test_split(frame, train_size=size, random_state=seed)
+        except ValueError:  # too few examples for any split of this size
+            raise ConfigError(f"{len(frame)} examples are too few to carve a split from") from None
     return a, b
 
 
@@ -276,18 +344,26 @@ def make_splits(spec: dict[str, Any], frames: dict[str, pd.DataFrame], names: li
     labels = _label_ids(frames, names, spec)
     seed = spec["split_seed"]
     info: dict[str, Any] = {}
-    if "test" not in frames:
-        frames["train"], frames["test"] = _split(frames["train"], 1 - spec["test_fraction"], seed)
-        info["test_carved_from_train"] = spec["test_fraction"]
-    if "validation" not in frames:
-        frames["train"], frames["validation"] = _split(frames["train"], 1 - spec["validation_fraction"], seed)
-        info["validation_carved_from_train"] = spec["validation_fraction"]
+    where = f"dataset '{spec['name']}'"
+    try:
+        if "test" not in frames:
+            frames["train"], frames["test"] = _split(frames["train"], 1 - spec["test_fraction"], seed)
+            info["test_carved_from_train"] = spec["test_fraction"]
+        if "validation" not in frames:
+            frames["train"], frames["validation"] = _split(frames["train"], 1 - spec["validation_fraction"], seed)
+            info["validation_carved_from_train"] = spec["validation_fraction"]
+    except ConfigError as e:
+        raise ConfigError(f"{where} (train): {e} (fields test_fraction, validation_fraction)") from None
     test_texts = set(frames["test"]["text"])
     for role in ("train", "validation"):
         dup = frames[role]["text"].isin(test_texts)
         info[f"{role}_test_duplicates_dropped"] = int(dup.sum())
         frames[role] = frames[role][~dup]
     out = {role: stratified_take(frames[role], spec[f"max_{role}"], seed) for role in ROLES}
+    empty = [role for role in ROLES if not len(out[role])]
+    if empty:
+        raise ConfigError(f"{where} ({empty[0]}): no examples left (after carving and dropping the texts that are "
+                          f"also in test)")
     info.update({f"n_{role}": len(out[role]) for role in ROLES})
     info.update(split_checks(out, len(labels)))
     return Splits(train=out["train"], validation=out["validation"], test=out["test"], labels=labels, info=info)
@@ -315,6 +391,28 @@ def load_splits(spec: dict[str, Any]) -> Splits:
     return make_splits(spec, frames, names)
 
 
+def describe_splits(spec: dict[str, Any], splits: Splits) -> str:
+    """One line: each split's size and where it comes from (its file, the hub split, or carved from train)."""
+    source = spec["source"]
+    local = not source.startswith("builtin:") and Path(source).is_dir()
+    files = split_files(spec) if local else {}
+    parts = []
+    for role in ROLES:
+        carved = splits.info.get(f"{role}_carved_from_train")
+        if carved is not None:
+            origin = f"carved from train, {carved:.0%}"
+        elif local:
+            origin = files[role].name
+        elif source.startswith("builtin:"):
+            origin = source
+        elif Path(source).is_file():
+            origin = Path(source).name
+        else:
+            origin = f"hub split {split_names(spec)[role]!r}"
+        parts.append(f"{role} {len(getattr(splits, role))} ({origin})")
+    return f"dataset {spec['name']}: " + ", ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenization and batching
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,7 +435,7 @@ def tokenize(texts: list[str], tokenizer, max_length: int, cache_dir: Path | Non
     path = cache_dir / f"{key.hexdigest()[:24]}.pt" if cache_dir else None
     if path is not None and path.is_file():
         try:
-            return torch.load(path)
+            return torch.load(path, weights_only=True)  # plain lists of ints: never unpickle code
         except Exception:  # a torn cache file is only a cache miss
             path.unlink(missing_ok=True)
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]

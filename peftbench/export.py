@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from peftbench import methods
 from peftbench.config import ConfigError, RunConfig
 from peftbench.data import collate, make_batches, read_table
-from peftbench.models import MeanPoolClassifier, build_classifier, load_tokenizer
+from peftbench.models import (MeanPoolClassifier, build_classifier, load_tokenizer, require_safetensors,
+                              resolve_model)
 
 MARKER = "peftbench_export.json"
 OUTPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -88,12 +89,22 @@ def rebuild_model(run: RunConfig, result: dict[str, Any], run_dir: str | Path, m
     """A run's trained model from its folder (adapters merged unless ``merge`` is False), in eval mode; returns
     (model, pooling)."""
     pooling = result.get("pooling") or run.train.get("pooling", "auto")
+    _safetensors_only(resolve_model(run.model), Path(run_dir) / "adapter")
     torch.manual_seed(run.seed)
     backbone = build_classifier(run.model, len(result["labels"]), pooling, result["labels"])
     model = methods.load_weights(run.method, backbone, Path(run_dir))
     if merge:
         model = methods.merge_for_inference(run.method, model)
     return model.eval(), backbone.pooling
+
+
+def _safetensors_only(*folders: str | Path) -> None:
+    """ConfigError (one line, naming the file) when a local folder holds only pickle weights."""
+    try:
+        for folder in folders:
+            require_safetensors(folder)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_trained(run_dir: str | Path, merge: bool = True) -> tuple[nn.Module, RunConfig, dict[str, Any], str]:
@@ -230,18 +241,20 @@ def load_predictor(source: str | Path, device: str | torch.device = "cpu", batch
         info = json.loads((source / MARKER).read_text())
         labels, max_length = info["labels"], info["max_length"]
         tokenizer = load_tokenizer(str(source))
+        _safetensors_only(source)
         if info["layout"] == "merged":
             from transformers import AutoModelForSequenceClassification
 
-            model = AutoModelForSequenceClassification.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
         elif info["layout"] == "merged-mean":
             from transformers import AutoModel
 
-            model = MeanPoolClassifier(AutoModel.from_pretrained(source), len(labels))
+            model = MeanPoolClassifier(AutoModel.from_pretrained(source, use_safetensors=True), len(labels))
             model.classifier.load_state_dict(load_file(source / "classifier.safetensors"))
         else:
             from peft import PeftModel
 
+            _safetensors_only(resolve_model(info["model"]))
             torch.manual_seed(0)
             backbone = build_classifier(info["model"], len(labels), info["pooling"], labels)
             model = PeftModel.from_pretrained(backbone.model, source)

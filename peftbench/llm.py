@@ -345,10 +345,14 @@ def classify(texts: list[str], labels: list[str], settings: LLMSettings, cache_d
     shots = list(shots)
     usage = Usage()
     starts = list(range(0, len(shown), max(1, settings.batch_size)))
-    with ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
-        results = list(pool.map(
-            lambda s: _classify_batch(shown[s:s + settings.batch_size], labels, shots, settings, usage, cache_dir),
-            starts))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
+            results = list(pool.map(
+                lambda s: _classify_batch(shown[s:s + settings.batch_size], labels, shots, settings, usage,
+                                          cache_dir), starts))
+    except LLMError as e:
+        e.usage = usage  # what was spent before the failure (the run records it)
+        raise
     preds = [p for batch, _ in results for p in batch]
     replies = [r for _, batch in results for r in batch]
     return LLMOutput(preds=np.asarray(preds, dtype=np.int64), usage=usage, replies=replies,

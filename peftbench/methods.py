@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -464,6 +465,40 @@ def spectrum_targets(method: str, backbone, params: dict[str, Any]) -> list[str]
     return None
 
 
+def check_targets(model_name: str, method: str, params: dict[str, Any]) -> None:
+    """Resolve a peft method's target modules against ``model_name`` as :func:`prepare` would, on a weightless
+    (meta-device) copy of the encoder built from its config: ValueError (one line) when a name matches no layer.
+    Nothing is loaded but the config, so a study's targets are checked before any run is stored."""
+    if not is_peft(method):
+        return
+    from peftbench.models import Backbone
+
+    backbone = Backbone(model=_meta_encoder(model_name), pooling="cls", model_type=_model_type(model_name),
+                        path=model_name, base_params=0)
+    if method == "ia3":
+        resolve_ia3_targets(backbone, params)
+    else:
+        resolve_targets(backbone, params["target_modules"])
+
+
+@functools.lru_cache(maxsize=8)
+def _model_type(model_name: str) -> str:
+    from peftbench.models import load_model_config
+
+    return load_model_config(model_name).model_type
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_encoder(model_name: str) -> nn.Module:
+    """The architecture of ``model_name`` with its parameters on the meta device (no memory, no weights read)."""
+    from transformers import AutoModel
+
+    from peftbench.models import load_model_config
+
+    with torch.device("meta"):
+        return AutoModel.from_config(load_model_config(model_name))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Parameter counts and weights on disk
 # --------------------------------------------------------------------------------------------------------------------
@@ -525,6 +560,9 @@ def load_weights(method: str, backbone, run_dir: Path) -> nn.Module:
     if is_peft(method):
         from peft import PeftModel
 
+        from peftbench.models import require_safetensors
+
+        require_safetensors(run_dir / "adapter")  # peft would fall back to a pickled adapter_model.bin
         return PeftModel.from_pretrained(backbone.model, run_dir / "adapter")
     state = load_file(run_dir / "model.safetensors")
     missing = set(state) - set(backbone.model.state_dict())

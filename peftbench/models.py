@@ -113,11 +113,28 @@ class Backbone:
     base_params: int  # parameters of the pretrained encoder alone (the "base model" of trainable %)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(folder: str | Path) -> None:
+    """peftbench loads weights from safetensors files only (a pickle file can run code when loaded): a local folder
+    (model, adapter or export) whose weights are only pickle files raises ValueError naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(p.name != "classifier.safetensors" for p in folder.glob("*.safetensors")):
+        return  # (an export's classifier.safetensors is the head alone, not the encoder's weights)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder / pickles[0]}: pickle weights are not loaded (peftbench reads safetensors only); "
+                         "convert them, e.g. load and save_pretrained the model once in a trusted environment")
+
+
 def load_model_config(name: str):
-    """The transformers config of a model name; ValueError (one line) when it is neither local nor on the hub."""
+    """The transformers config of a model name; ValueError (one line) when it is neither local nor on the hub, or a
+    local folder holds only pickle weights."""
     path = resolve_model(name)
     if name.startswith((".", "/", "~")) and not Path(path).exists():
         raise ValueError(f"model {name!r}: no such local folder")
+    require_safetensors(path)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -135,7 +152,7 @@ def build_classifier(name: str, num_labels: int, pooling: str = "auto", labels: 
     if pooling == "auto":
         pooling = "mean" if is_mean_pooling_model(path) else "cls"
     if pooling == "mean":
-        encoder = AutoModel.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path, use_safetensors=True)
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # unused by mean pooling: keep it out of the parameter counts
         base_params = sum(p.numel() for p in encoder.parameters())
@@ -145,7 +162,7 @@ def build_classifier(name: str, num_labels: int, pooling: str = "auto", labels: 
         if labels:
             kwargs["id2label"] = dict(enumerate(labels))
             kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, **kwargs)
         head = sum(p.numel() for n, m in model.named_modules() if n.split(".")[-1] in HEAD_MODULES
                    for p in m.parameters())
         base_params = sum(p.numel() for p in model.parameters()) - head

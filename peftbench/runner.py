@@ -13,8 +13,10 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +36,10 @@ from peftbench.environment import PeakMemory, environment_base, pick_device, see
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
 from peftbench.store import Store, write_json
+
+# OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,7 +129,11 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     (KeyboardInterrupt excepted: the half-built run is then simply discarded)."""
     run_id = run.run_id
     tmp = store.begin(run_id)
-    write_json(tmp / "config.json", run.to_dict())
+    try:
+        write_json(tmp / "config.json", run.to_dict())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {"run_id": run_id, "status": "failed", "error": None, "config": run.to_dict()}
     env = {**environment_base(), "device": str(device)}
@@ -138,12 +148,27 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
         result["costs"]["peak_memory_mb"] = mem.peak / 2**20
         result["costs"]["peak_memory_kind"] = mem.kind
         result["status"] = "success"
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:  # the store cannot be written: every later run would fail too
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        result["error"] = _one_line(e)
     except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - OOM named for the reader
-        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        result["error"] = _one_line(e)
+        if getattr(e, "costs", None):  # spent before failing (an llm arm's tokens)
+            result["costs"] = e.costs
     result["timing"] = {"started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json(tmp / "result.json", result)
-    store.commit(run_id, tmp)
+    try:
+        write_json(tmp / "result.json", result)
+        store.commit(run_id, tmp)
+    except BaseException:  # e.g. disk full: the half-built folder goes, the run stays to do
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return result
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out: Path, env: dict,
@@ -315,6 +340,17 @@ def check_study_inputs(study: Study) -> None:
             load_model_config(model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    where = str(study.path) if study.path else "study"
+    checked = set()
+    for run in expand_runs(study):  # every grid point's target modules, against each model's architecture
+        key = json.dumps([run.model, run.method, run.method_params], sort_keys=True)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            methods.check_targets(run.model, run.method, run.method_params)
+        except ValueError as e:
+            raise ConfigError(f"{where}: arm {run.arm!r} on {run.model}: {e}") from None
 
 
 def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, split: str = "test",

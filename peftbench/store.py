@@ -71,6 +71,25 @@ class Store:
     def run_dir(self, run_id: str) -> Path:
         return self.root / run_id
 
+    def check_writable(self) -> None:
+        """ConfigError (one line) unless runs can be written here: the store path is a file, lies under a file, or
+        its folder (or the nearest existing parent) is read-only. Leaves nothing behind."""
+        import tempfile
+
+        from peftbench.config import ConfigError
+
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"{self.root}: the store path is a file, not a folder (choose another --store)")
+        existing = next(p for p in [self.root, *self.root.absolute().parents] if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{self.root}: cannot create the store folder: {existing} is a file")
+        try:
+            fd, probe = tempfile.mkstemp(dir=existing, prefix=".peftbench-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ConfigError(f"{self.root}: the store folder {existing} is not writable ({e.strerror})") from None
+
     @property
     def cache_dir(self) -> Path:
         return self.root / ".cache"

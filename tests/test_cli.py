@@ -72,10 +72,12 @@ def test_same_seed_same_metrics(tmp_path, tiny_bert, tiny_data):
     pd.testing.assert_frame_equal(a[cols], b[cols])
 
 
-def test_failed_run_is_recorded_and_the_study_goes_on(tmp_path, tiny_bert, tiny_data, capsys):
+def test_failed_run_is_recorded_and_the_study_goes_on(tmp_path, tiny_bert, tiny_data, capsys, monkeypatch):
     arms = ("[[arms]]\nmethod = \"lora\"\ntarget_modules = [\"q_lin\"]\n"
             "[[arms]]\nmethod = \"frozen\"\nlr = 1e-2\n")
     study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, arms)
+    # A bad target is caught before anything runs (tests/test_bad_input.py); let it through to fail at train time.
+    monkeypatch.setattr("peftbench.methods.check_targets", lambda *a: None)
     store = tmp_path / "store"
     assert main(["run", str(study), "--store", str(store), "--no-report"]) == 1
     df = load_results(store).set_index("method")

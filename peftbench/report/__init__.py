@@ -17,6 +17,8 @@ or from the shell: ``peftbench report runs`` (a store) or ``peftbench report stu
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import pandas as pd
 
 from peftbench import spectrum
 from peftbench.report import document, errors, plots, render, tables, verdict
-from peftbench.store import Store, flatten, write_json
+from peftbench.store import Store, _alive, flatten, write_json
 
 DEFAULT_SETTINGS = {"reference": "full", "metric": "accuracy", "selection_metric": "accuracy", "margin": 1.0}
 PAIRED_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
@@ -333,6 +335,7 @@ def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict
     ``--until-decided`` run (see :mod:`peftbench.sequential`)."""
     store = Path(store)
     out = Path(out_dir) if out_dir else store / "report"
+    _check_report_folder(out)
     analysis = study_analysis(store, run_ids, study, sequential)
     settings = analysis["settings"]
     runs = analysis["runs"]
@@ -341,10 +344,21 @@ def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict
     meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or "",
             "not_run": len(set(run_ids)) - len(runs) if run_ids is not None else 0}
 
+    final, out = out, _fresh_folder(out)  # built aside, then swapped in: never a report pointing at missing plots
+    try:
+        _write_files(out, analysis, figs, meta, settings, title)
+        _swap_in(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_files(out: Path, analysis: dict[str, Any], figs: dict, meta: dict[str, Any], settings: dict[str, Any],
+                 title: str) -> None:
+    """Every file of the report, into the (new, empty) folder ``out``."""
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    for old in plot_dir.glob("*.png"):  # a re-run replaces the figures of the previous report
-        old.unlink()
     for items in figs.values():
         for name, data, _ in items:
             (plot_dir / name).write_bytes(data)
@@ -358,4 +372,44 @@ def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict
     analysis["table"].to_csv(out / "results.csv", index=False)
     analysis["summary"].to_csv(out / "runs.csv", index=False)
     write_json(out / "results.json", document.results_json(analysis, meta))
-    return out
+
+
+def _check_report_folder(out: Path) -> None:
+    """The report replaces ``out`` as a whole: refuse a file, or a non-empty folder that is not a report."""
+    from peftbench.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: report folder is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
+        raise ConfigError(f"{out}: not a report folder (no report.md) and not empty; choose a new or empty folder "
+                          "for --out")
+
+
+def _fresh_folder(out: Path) -> Path:
+    """A new empty sibling of ``out`` (same filesystem, so the swap is a rename), after removing the leftovers of
+    report writers that died (``.NAME.new-PID``, ``.NAME.old-PID``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for left in out.parent.glob(f".{out.name}.*-*"):
+        pid = left.name.rsplit("-", 1)[-1]
+        if left.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    new = out.parent / f".{out.name}.new-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    return new
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the folder ``out`` by ``new`` with two renames (the old report stays whole until the first)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

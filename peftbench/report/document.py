@@ -68,6 +68,9 @@ def arm_display(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     out["Examples/s"] = [num(x) for x in table["train_examples_per_s"]]
     out["Peak memory (MB)"] = [num(x, 0) for x in table["peak_memory_mb"]]
     out["Adapter size"] = [size(x) for x in table["adapter_size_bytes"]]
+    if "invalid" in table and table["invalid"].notna().any():  # llm arms: replies that named no label
+        out["Invalid predictions"] = [NA if missing(x) else num(x, 0 if float(x).is_integer() else 1)
+                                      for x in table["invalid"]]
     return out
 
 

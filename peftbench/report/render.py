@@ -112,10 +112,31 @@ def jsonable(v: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Link targets the report may render as links: http(s) URLs and plain relative paths (its own files). Anything else
+# (javascript:, data:, entity or backslash tricks) in study text, data or arm names stays text.
+SAFE_HREF = r"(?:https?://[^\s()<>\\`]+|[\w.\-]+(?:/[\w.\-]+)*(?:#[\w\-]*)?)"
+
+
+def safe_href(href: str) -> bool:
+    return re.fullmatch(SAFE_HREF, href, flags=re.IGNORECASE) is not None
+
+
+def defuse(text: str) -> str:
+    """Markdown text in which only safe links stay links: outside `code` spans, a ``](`` not followed by a safe
+    target, a ``]:`` (reference definition) and a ``<`` that could open raw HTML or an autolink are backslash-escaped
+    (they still show as typed)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    for i in range(0, len(parts), 2):
+        plain = re.sub(r"\]\((?!" + SAFE_HREF + r"\))", r"]\\(", parts[i], flags=re.IGNORECASE)
+        plain = plain.replace("]:", "]\\:")
+        parts[i] = re.sub(r"<(?=[A-Za-z/!?])", r"\\<", plain)
+    return "".join(parts)
+
+
 def _cell(x: Any) -> str:
     text = NA if missing(x) else str(x)
-    # Texts are data: a review's "<br />" must show as text, not become HTML on GitHub.
-    return text.replace("|", "\\|").replace("<", "&lt;").replace("\n", " ").replace("\r", " ")
+    # Texts are data: a review's "<br />" must show as text, not become HTML on GitHub; links only to safe targets.
+    return defuse(text.replace("|", "\\|").replace("<", "&lt;").replace("\n", " ").replace("\r", " "))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -131,15 +152,16 @@ def markdown(blocks: list[tuple]) -> str:
     for block in blocks:
         kind = block[0]
         if kind == "h":
-            parts.append("#" * block[1] + " " + block[2])
+            parts.append("#" * block[1] + " " + defuse(block[2]))
         elif kind == "p":
-            parts.append(block[1])
+            parts.append(defuse(block[1]))
         elif kind == "list":
-            parts.append("\n".join(f"- {item}" for item in block[1]))
+            parts.append("\n".join(f"- {defuse(item)}" for item in block[1]))
         elif kind == "table":
             parts.append(markdown_table(block[1]) if len(block[1]) else "_(none)_")
         elif kind == "img":
-            parts.append(f"![{block[3]}]({block[1]})")
+            alt = block[3].replace("[", "\\[").replace("]", "\\]")
+            parts.append(f"![{defuse(alt)}]({block[1]})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -185,11 +207,12 @@ document.querySelectorAll("table.sortable th").forEach(function (th) {
 
 
 def inline_html(text: str) -> str:
-    """Escape, then turn Markdown inline `code`, **bold** and [text](href) into HTML."""
+    """Escape, then turn Markdown inline `code`, **bold** and [text](href) into HTML (links: safe targets only)."""
     out = html.escape(text, quote=True)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', out)
+    out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)",
+                 lambda m: f'<a href="{m[2]}">{m[1]}</a>' if safe_href(html.unescape(m[2])) else m[0], out)
     return out
 
 
