@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from peftbench import baselines, methods
-from peftbench.config import ConfigError, RunConfig, Study
+from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
 from peftbench.engine import TrainSettings, bf16_supported, make_optimizer, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything

@@ -109,7 +109,7 @@ def influence(labels: np.ndarray, preds: np.ndarray, metric: str, num_labels: in
     labels, preds = np.asarray(labels), np.asarray(preds)
     if metric == "accuracy":
         return (labels == preds).astype(float)
-    n, classes = len(labels), np.arange(num_labels)
+    classes = np.arange(num_labels)
     g = (labels[:, None] == classes).astype(float)   # gold indicator, (n, C)
     p = (preds[:, None] == classes).astype(float)    # predicted indicator
     t = g * p                                        # true positive indicator
