@@ -12,8 +12,9 @@ LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "auto", 
 def prepared(model_dir, method, params=None, pooling="auto"):
     torch.manual_seed(0)
     backbone = build_classifier(str(model_dir), 3, pooling)
-    model = methods.prepare(method, backbone, {**LORA, **(params or {})} if method == "lora" else {})
-    return backbone, model, methods.count_parameters(model, backbone.base_params)
+    params = {**LORA, **(params or {})} if method == "lora" else (params or {})
+    model = methods.prepare(method, backbone, params)
+    return backbone, model, methods.count_parameters(model, methods.resolve_head(backbone, params))
 
 
 def trainable_names(model):
@@ -55,8 +56,8 @@ def test_lora_adapter_count_matches_formula_and_head_is_trainable(request, fixtu
                          if p.requires_grad and "modules_to_save" in n)
     assert head_trainable > 0 and counts["head"] == head_trainable
     assert counts["trainable"] == counts["adapter"] + counts["head"]
-    assert counts["total"] == backbone.base_params + counts["head"] + counts["adapter"]
-    assert counts["trainable_pct"] == pytest.approx(100 * counts["trainable"] / backbone.base_params)
+    assert counts["total"] == counts["base_model"] + counts["head"] + counts["adapter"]
+    assert counts["trainable_pct"] == pytest.approx(100 * counts["trainable"] / counts["base_model"])
     # nothing of the encoder itself trains
     assert all("lora_" in n or "modules_to_save" in n for n in trainable_names(model))
 
