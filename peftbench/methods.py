@@ -164,8 +164,8 @@ class Method:
         if init not in (None, "true"):
             flags.append(init)
         head = params.get("head", "all")
-        if head != "all":
-            bits.append(f"head={head if isinstance(head, str) else '+'.join(head)}")
+        if head != "all":  # shown unless the arm is named (two unnamed arms differing only in head stay apart)
+            flags.append(f"head={head if isinstance(head, str) else ','.join(head)}")
         base = name or ("+".join([self.name] + flags) if flags else self.name)
         return " ".join([base] + bits)
 
