@@ -103,8 +103,10 @@ class Method:
         from peftbench.models import HEAD_POLICIES
 
         kind, _, _ = self.params[key]
-        if key == "head" and isinstance(value, str) and value not in HEAD_POLICIES:
-            raise ConfigError(f"{where}.head: expected all, classifier or a list of module names, got {value!r}")
+        if key == "head" and isinstance(value, str):  # a policy; a list (of module names) is checked below
+            if value not in HEAD_POLICIES:
+                raise ConfigError(f"{where}.head: expected all, classifier or a list of module names, got {value!r}")
+            return value
         value = check_value(f"{where}.{key}", kind, value)
         if self.name in baselines.BASELINE_PARAMS:
             try:
