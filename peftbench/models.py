@@ -229,9 +229,10 @@ def linear_paths(model: nn.Module, exclude: list[str] | None = None) -> list[str
 
 
 def encoder_linear_paths(model: nn.Module) -> list[str]:
-    """Paths of the nn.Linear layers outside the classification head (no path part is a head module)."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n and not any(part in HEAD_MODULES for part in n.split("."))]
+    """Paths of the ``nn.Linear`` layers outside the classification head (every head module): what the spectrum
+    analysis and (IA)³'s target check read."""
+    modules = dict(model.named_modules())
+    return [n for n in linear_paths(model) if isinstance(modules[n], nn.Linear)]
 
 
 def is_attention(path: str) -> bool:
@@ -263,9 +264,3 @@ def shortest_suffixes(chosen: list[str], model: nn.Module) -> list[str]:
         if suffix not in names:
             names.append(suffix)
     return names
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of the nn.Linear layers in the encoder (the valid LoRA target names)."""
-    return sorted({n.split(".")[-1] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and n.split(".")[-1] not in HEAD_MODULES and n})
