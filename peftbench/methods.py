@@ -49,6 +49,13 @@ DEFAULT_TARGETS = {
     "albert": ["query", "value"],
     "mpnet": ["q", "v"],
     "modernbert": ["Wqkv"],
+    # decoders (AutoModelForSequenceClassification with a `score` head): the attention q/v projections
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
 }
 
 # (IA)³ defaults per architecture: (target_modules, feedforward_modules), peft's own defaults where peft has them.
@@ -66,6 +73,12 @@ DEFAULT_IA3_TARGETS = {
     "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
     "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
     "modernbert": (["Wqkv", "mlp.Wo"], ["mlp.Wo"]),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
 }
 
 # Methods that go through peft: weights are saved with ``save_pretrained`` (``adapter/``, head included).
@@ -303,9 +316,9 @@ def _prepare_adalora(backbone, params, total_steps: int | None = None, **_) -> n
 def resolve_ia3_targets(backbone, params) -> tuple[list[str], list[str]]:
     """(IA)³ ``target_modules`` and ``feedforward_modules``: ``auto`` → the architecture's default; names are
     suffixes of linear-layer paths (``output.dense``); the feed-forward ones must be among the targets."""
-    from peftbench.models import encoder_linear_paths, matches_target
+    from peftbench.models import linear_paths, matches_target
 
-    linear = encoder_linear_paths(backbone.model)
+    linear = linear_paths(backbone.model)
 
     def matches(t: str) -> bool:
         return any(matches_target(n, t) for n in linear)

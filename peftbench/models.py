@@ -72,12 +72,18 @@ def model_fingerprint(path: str) -> str:
 
 
 def load_tokenizer(name: str):
-    """Load the tokenizer of a model name (built-in, hub id or local folder)."""
+    """Load the tokenizer of a model name (built-in, hub id or local folder). Decoder tokenizers without a padding
+    token (Llama, Qwen, Mistral, GPT-2) pad with their end-of-sequence token, as is usual for classification."""
     path = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise ValueError(f"model {name!r}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {name!r}: its tokenizer has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class MeanPoolClassifier(nn.Module):
@@ -140,17 +146,26 @@ def build_classifier(name: str, num_labels: int, pooling: str = "auto", labels: 
     what validation needs to resolve target modules and head policies. Seed torch before calling: the head's initial
     weights come from the global generator.
     """
-    path = resolve_model(name)
-    return classifier_from_config(load_model_config(name), num_labels, pooling, labels, path, weights)
+    path, config = resolve_model(name), load_model_config(name)
+    pad = None
+    if weights and getattr(config, "pad_token_id", None) is None:  # decoders: the tokenizer's (eos) padding token
+        pad = load_tokenizer(name).pad_token_id
+    return classifier_from_config(config, num_labels, pooling, labels, path, weights, pad)
 
 
 def classifier_from_config(config, num_labels: int, pooling: str = "auto", labels: list[str] | None = None,
-                           path: str = "", weights: bool = True) -> Backbone:
+                           path: str = "", weights: bool = True, pad_token_id: int | None = None) -> Backbone:
     """The classifier of ``build_classifier`` for a transformers ``config``: pretrained weights from ``path`` when
-    ``weights``, else random-init on the meta device (shapes only: parameter counts and module names)."""
+    ``weights``, else random-init on the meta device (shapes only: parameter counts and module names).
+
+    Decoder classifiers (``LlamaForSequenceClassification``, GPT-2's, ...) classify the last token that is not
+    padding, which transformers finds through ``config.pad_token_id``: ``pad_token_id`` (the tokenizer's) is set there
+    when the config has none, so batches of several texts work."""
     if pooling == "auto":
         pooling = "mean" if path and is_mean_pooling_model(path) else "cls"
     kwargs = {"num_labels": num_labels}
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        kwargs["pad_token_id"] = pad_token_id
     if labels:
         kwargs["id2label"] = dict(enumerate(labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
@@ -229,8 +244,8 @@ def linear_paths(model: nn.Module, exclude: list[str] | None = None) -> list[str
 
 
 def encoder_linear_paths(model: nn.Module) -> list[str]:
-    """Paths of the ``nn.Linear`` layers outside the classification head (every head module): what the spectrum
-    analysis and (IA)³'s target check read."""
+    """Paths of the ``nn.Linear`` layers outside the classification head (every head module): the matrices the
+    spectrum analysis reads (GPT-2's transposed ``Conv1D`` layers left out)."""
     modules = dict(model.named_modules())
     return [n for n in linear_paths(model) if isinstance(modules[n], nn.Linear)]
 
