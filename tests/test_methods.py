@@ -245,3 +245,8 @@ def test_a_run_stores_what_presets_resolved_to_and_trains_with_head_lr(tmp_path,
     assert result["resolved"] == config["resolved"] == {"head": ["classifier"],
                                                         "target_modules": ["query", "key", "value", "dense"]}
     assert result["params"]["head"] == D * 2 + 2
+    # the saved adapter (the pooler's LoRA and the adapted layers' biases included) reproduces the run's predictions
+    from peftbench.runner import evaluate_saved
+
+    again = evaluate_saved(tmp_path / "st" / run_id)
+    assert again["accuracy"] == pytest.approx(result["metrics"]["test"]["accuracy"])
