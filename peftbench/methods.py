@@ -560,8 +560,8 @@ def spectrum_targets(method: str, backbone, params: dict[str, Any]) -> list[str]
 def resolved_names(method: str, backbone, params: dict[str, Any]) -> dict[str, list[str]]:
     """What the arm's names and presets resolve to on this model: ``head`` (the modules that train as the head, peft
     ``modules_to_save`` names) and, for peft methods, ``target_modules`` (and (IA)³'s ``feedforward_modules``).
-    Stored in the run's ``config.json`` and ``result.json`` under ``resolved``; ValueError (one line) when a name or
-    preset fits nothing."""
+    Stored in the run's ``result.json`` under ``resolved`` (``config.json`` keeps the settings as written: it is
+    what the run id hashes). ValueError (one line) when a name or preset fits nothing."""
     out: dict[str, list[str]] = {}
     if is_baseline(method):
         return out

@@ -256,8 +256,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     total_steps = None
     if methods.METHODS[run.method].trains:  # AdaLoRA's budget schedule needs it before training
         total_steps = cfg["epochs"] * len(make_batches([len(x) for x in ids["train"]], cfg["batch_size"], True, 0))
-    resolved = methods.resolved_names(run.method, backbone, run.method_params)
-    write_json(out / "config.json", {**run.to_dict(), "resolved": resolved})
+    resolved = methods.resolved_names(run.method, backbone, run.method_params)  # stored in result.json
     model = methods.prepare(run.method, backbone, run.method_params, total_steps=total_steps)
     params = methods.count_parameters(model, resolved.get("head", []))
     model.to(device)

@@ -241,9 +241,9 @@ def test_a_run_stores_what_presets_resolved_to_and_trains_with_head_lr(tmp_path,
     (run_id,) = Store(tmp_path / "st").run_ids()
     result = json.loads((tmp_path / "st" / run_id / "result.json").read_text())
     config = json.loads((tmp_path / "st" / run_id / "config.json").read_text())
-    assert result["status"] == "success" and result["config"]["train"]["head_lr"] == 1e-2
-    assert result["resolved"] == config["resolved"] == {"head": ["classifier"],
-                                                        "target_modules": ["query", "key", "value", "dense"]}
+    assert result["status"] == "success" and config["train"]["head_lr"] == 1e-2
+    assert config["method_params"]["target_modules"] == ["all-linear"]  # hashed as written ...
+    assert result["resolved"] == {"head": ["classifier"], "target_modules": ["query", "key", "value", "dense"]}
     assert result["params"]["head"] == D * 2 + 2
     # the saved adapter (the pooler's LoRA and the adapted layers' biases included) reproduces the run's predictions
     from peftbench.runner import evaluate_saved
