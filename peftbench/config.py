@@ -55,6 +55,8 @@ TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "batch_size": (int, 32, "training examples per optimizer step"),
     "eval_batch_size": (int, 64, "examples per forward pass during evaluation"),
     "lr": (float, 5e-5, "peak learning rate of AdamW (a nuisance parameter: give a list to sweep it)"),
+    "head_lr": ("float?", None, "peak learning rate of the trained head modules (the arm's `head`); default: lr. "
+                "Sweepable like lr"),
     "weight_decay": (float, 0.01, "AdamW decoupled weight decay (not applied to biases and LayerNorm weights)"),
     "lr_scheduler": (str, "linear", "learning-rate schedule after warmup: linear, cosine or constant"),
     "warmup_ratio": (float, 0.0, "fraction of all training steps spent warming the learning rate up from 0"),
@@ -132,8 +134,8 @@ def _check_train(where: str, key: str, value: Any) -> Any:
     positive = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
     if key in positive and value is not None and value < positive[key]:
         raise ConfigError(f"{where}.{key}: expected an integer >= {positive[key]}, got {value!r}")
-    if key == "lr" and value <= 0:
-        raise ConfigError(f"{where}.lr: expected a positive learning rate, got {value!r}")
+    if key in ("lr", "head_lr") and value is not None and value <= 0:
+        raise ConfigError(f"{where}.{key}: expected a positive learning rate, got {value!r}")
     if key in ("warmup_ratio",) and not 0 <= value < 1:
         raise ConfigError(f"{where}.{key}: expected a number in [0, 1), got {value!r}")
     if key in ("weight_decay", "max_grad_norm") and value < 0:

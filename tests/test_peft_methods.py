@@ -30,7 +30,7 @@ def prepared(model_dir, method, params=None, total_steps=None):
     full = spec.finalize(spec.resolve_defaults({**(LORA if "r" in spec.params and method != "vera" else {}),
                                                 **(params or {})}))
     model = methods.prepare(method, backbone, full, total_steps=total_steps)
-    return backbone, model, methods.count_parameters(model, backbone.base_params)
+    return backbone, model, methods.count_parameters(model, methods.resolve_head(backbone, full))
 
 
 def assert_exact_split(backbone, model, counts):
@@ -39,7 +39,7 @@ def assert_exact_split(backbone, model, counts):
     assert all("modules_to_save" in n or any(k in n for k in ("lora_", "ia3_", "vera_lambda")) for n in trainable)
     assert counts["trainable"] == counts["adapter"] + counts["head"]
     assert counts["encoder_trainable"] == 0 and counts["head"] > 0
-    assert counts["total"] == backbone.base_params + counts["head"] + counts["adapter"]
+    assert counts["total"] == counts["base_model"] + counts["head"] + counts["adapter"]
     assert {"pooler", "classifier"} <= {p for n in trainable if "modules_to_save" in n for p in n.split(".")}
 
 
@@ -78,7 +78,8 @@ def test_loraplus_optimizer_gives_b_a_higher_learning_rate(tiny_bert):
     lr_of = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
     assert all(lr == pytest.approx(8e-3) for n, lr in lr_of.items() if "lora_B" in n)
     assert all(lr == pytest.approx(1e-3) for n, lr in lr_of.items() if "lora_A" in n)
-    assert methods.make_optimizer("lora", model, {}, {"lr": 1e-3, "weight_decay": 0.0}, torch.device("cpu")) is None
+    plain = methods.make_optimizer("lora", model, {}, {"lr": 1e-3, "weight_decay": 0.0}, torch.device("cpu"))
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}  # the loop's AdamW
 
 
 @pytest.mark.parametrize("method,params", [("loraplus", {"loraplus_lr_ratio": 8.0}),
