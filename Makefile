@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup   ## the built-in offline demo study, then its report
-	$(VENV)/bin/peftbench run
+	$(VENV)/bin/peftbench run --until-decided --max-seeds 5
 
 test: setup   ## the whole test suite (tiny in-process models; a few slow tests use the packaged MiniLM)
 	$(PY) -m pytest -q -p no:warnings

@@ -131,6 +131,8 @@ def _run(study, args) -> int:
         sequential.check(study, args.max_seeds, args.seed_step)  # bad settings stop here, before anything runs
     elif getattr(args, "max_seeds", None) is not None:
         raise ConfigError("--max-seeds: only with --until-decided")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
     Store(args.store or study.store).check_writable()
     check_study_inputs(study)
     _notice_old_run_ids(study, Store(args.store or study.store))
@@ -141,7 +143,7 @@ def _run(study, args) -> int:
         except ImportError:
             raise ConfigError("--executor ray needs Ray: pip install 'peftbench[ray]'") from None
     else:
-        set_threads()  # this process's torch threads = its cores (Ray workers get cpus_per_run instead)
+        set_threads(getattr(args, "threads", None))  # cores less busy ones (Ray workers get cpus_per_run instead)
     summaries = []
 
     def execute(runs=None):
@@ -358,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def running(p):
         p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch threads of the local executor (default: the physical cores, fewer when the load "
+                            "average shows other jobs on them; OMP_NUM_THREADS also chooses)")
         p.add_argument("--no-retry-failed", action="store_true", help="skip runs that failed before")
         p.add_argument("--no-report", dest="report", action="store_false", help="do not write the report")
 

@@ -124,8 +124,9 @@ def verdict_display(verdicts: pd.DataFrame) -> pd.DataFrame:
         "SE: seeds / test": [NA if missing(a) else f"{num(a, 2)} / {num(b, 2)}"
                              for a, b in zip(get("seed_se_points"), get("test_se_points"))],
         "df": [num(x, 1) for x in get("df")],
-        "p non-inf. (Holm)": [NA if missing(p) else f"{float(p):.2g}" for p in get("p_noninferior_holm")],
-        "p inferior (Holm)": [NA if missing(p) else f"{float(p):.2g}" for p in get("p_inferior_holm")],
+        "p non-inf. / inferior": [NA if missing(a) else f"{float(a):.2g} / {float(b):.2g}"
+                                  for a, b in zip(get("p_noninferior"), get("p_inferior"))],
+        "p decisive (Holm)": [NA if missing(p) else f"{float(p):.2g}" for p in get("p_decision_holm")],
         "McNemar p per seed": [NA if missing(p) else str(p) for p in get("mcnemar_p_per_seed")],
         "Verdict": v["verdict"]})
 
@@ -169,8 +170,9 @@ def _method_paragraph(metric: str, margin: float, alpha: float, sequential: dict
         "variance-components estimate with a Student t quantile (Satterthwaite df), so 3 seeds give a wide",
         f"interval. **superior** if the {level} interval's lower bound is above 0, **non-inferior** if it is above",
         f"−{margin:g}, **inferior** if its upper bound is below −{margin:g}, else **{verdict.UNDECIDED}**; the",
-        "one-sided p-values are Holm-adjusted over the arms compared with the reference. McNemar per seed is",
-        "descriptive only. A verdict needs ≥ 2 seeds per arm."]
+        "decisive one-sided p-value (the smaller of non-inferior and inferior) is Holm-adjusted over the arms",
+        "compared with the reference, claims in its direction. McNemar per seed is descriptive only. A verdict",
+        "needs ≥ 2 seeds per arm."]
     if sequential:
         text.append(f"Seeds were added adaptively (`--until-decided`, looks at {sequential['schedule']} seeds per "
                     f"arm): each look's level is its share of the one-sided α = {verdict.ALPHA} spent by a "

@@ -18,8 +18,8 @@ training seed. docs/report.md has the long version with references; in short:
    with 3 seeds the quantile is close to t₂ = 4.30 when seed variance dominates, close to 1.96 when the test set does.
 3. **Decision** at one-sided level α (default 0.025, i.e. the two-sided 95% interval, as in CONSORT's
    non-inferiority extension, Piaggio et al. 2012): *superior* if the lower bound > 0, *non-inferior* if it is
-   > −margin, *inferior* if the upper bound < −margin, else *undecided*. The p-values of these one-sided tests are
-   Holm-adjusted over all arms compared with the reference (Holm 1979).
+   > −margin, *inferior* if the upper bound < −margin, else *undecided*. Across the arms compared with the
+   reference, the decisive one-sided p-value is Holm-adjusted (Holm 1979) with directional claims (Shaffer 1980).
 4. **Planning**: from the estimated variance components, the seeds (at this test-set size) and the test examples (at
    these seeds) that would decide with 80% power, and whether more seeds can help at all.
 5. **Sequential looks** (``peftbench run --until-decided``): the level of each look comes from a Lan–DeMets
@@ -423,34 +423,37 @@ def mcnemar_per_seed(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame]
 
 
 def decide_all(rows: list[dict[str, Any]], alpha: float = ALPHA) -> list[dict[str, Any]]:
-    """Verdicts of all arms compared with one reference: each one-sided family (non-inferior, inferior, superior)
-    Holm-adjusted over the arms, each claim made when its adjusted p ≤ ``alpha``. Adds ``p_*_holm``, ``verdict``
-    and ``reason`` to each row (rows without a test keep theirs)."""
+    """Verdicts of all arms compared with one reference. For each arm exactly one of "Δ ≤ −margin" and
+    "Δ ≥ −margin" can be false, so its two one-sided tests need no split of α (the partitioning principle, Finner &
+    Strassburger 2002); across arms, the decisive p-value min(p_noninferior, p_inferior) is Holm-adjusted and a
+    rejection is claimed in its direction (directional Holm, Shaffer 1980; Finner 1999). Superiority is claimed for an
+    arm already non-inferior when its Holm-adjusted p_superior ≤ ``alpha`` as well. Adds ``p_decision_holm``,
+    ``p_superior_holm``, ``holm_arms``, ``verdict`` and ``reason`` to each row (rows without a test keep theirs)."""
     tested = [r for r in rows if "p_noninferior" in r]
-    for key in ("p_noninferior", "p_inferior", "p_superior"):
-        for r, p in zip(tested, holm([r[key] for r in tested])):
-            r[f"{key}_holm"] = p
-    m = sum(np.isfinite(r["p_noninferior"]) for r in tested)
+    decisive = [min(r["p_noninferior"], r["p_inferior"]) for r in tested]
+    for r, p, q in zip(tested, holm(decisive), holm([r["p_superior"] for r in tested])):
+        r["p_decision_holm"], r["p_superior_holm"] = p, q
+    m = sum(np.isfinite(p) for p in decisive)
     for r in tested:
         r["holm_arms"] = m
         span = f"{100 * (1 - 2 * r['alpha']):.3g}% CI [{signed(r['ci_low'])}, {signed(r['ci_high'])}]"
         adj = f"Holm-adjusted over {m} arm(s)" if m > 1 else "one arm compared"
+        p = r["p_decision_holm"]
         if not np.isfinite(r["p_noninferior"]):
             r["verdict"] = UNDECIDED
             r["reason"] = ("fewer than 2 seeds in an arm: the seed-to-seed variance is unknown; "
                            "needs ≥ 2 seeds per arm")
             continue
-        if r["p_superior_holm"] <= alpha and r["p_noninferior_holm"] <= alpha:
-            r["verdict"], why = SUPERIOR, f"{span} lies above 0 (p = {r['p_superior_holm']:.2g}, {adj})"
-        elif r["p_noninferior_holm"] <= alpha:
-            r["verdict"], why = NON_INFERIOR, (f"{span} lies above −{r['margin']:g} "
-                                               f"(p = {r['p_noninferior_holm']:.2g}, {adj})")
-        elif r["p_inferior_holm"] <= alpha:
-            r["verdict"], why = INFERIOR, (f"{span} lies below −{r['margin']:g} "
-                                           f"(p = {r['p_inferior_holm']:.2g}, {adj})")
+        if p <= alpha and r["p_noninferior"] <= r["p_inferior"]:
+            if r["p_superior_holm"] <= alpha:
+                r["verdict"], why = SUPERIOR, f"{span} lies above 0 (p = {r['p_superior_holm']:.2g}, {adj})"
+            else:
+                r["verdict"], why = NON_INFERIOR, f"{span} lies above −{r['margin']:g} (p = {p:.2g}, {adj})"
+        elif p <= alpha:
+            r["verdict"], why = INFERIOR, f"{span} lies below −{r['margin']:g} (p = {p:.2g}, {adj})"
         else:
-            r["verdict"], why = UNDECIDED, f"{span} contains −{r['margin']:g} after adjustment ({adj}); " + \
-                plan_text(r)
+            r["verdict"], why = UNDECIDED, (f"{span} contains −{r['margin']:g} or its adjusted p = {p:.2g} > "
+                                            f"{r['alpha']:.3g} ({adj}); " + plan_text(r))
         r["reason"] = why
     return rows
 
