@@ -58,7 +58,7 @@ def arm_display(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     out["Trainable params"] = [NA if missing(t) else f"{count(t)} (adapter {count(a)}, head {count(h)})"
                                for t, a, h in zip(table["params_trainable"], table["params_adapter"],
                                                   table["params_head"])]
-    out["% of base"] = [_pct(x) for x in table["params_trainable_pct"]]
+    out["% trainable"] = [_pct(x) for x in table["params_trainable_pct"]]
     names = {"accuracy": "Accuracy", "f1_weighted": "F1 weighted", "f1_macro": "F1 macro",
              "precision_macro": "Precision macro", "recall_macro": "Recall macro", "roc_auc": "ROC-AUC"}
     for m, name in names.items():
@@ -195,8 +195,6 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
     runs, table = analysis["runs"], analysis["table"]
     n_ok = int((runs["status"] == "success").sum()) if len(runs) else 0
     out: list[tuple] = [("h", 1, f"peftbench report: {meta['title']}")]
-    if meta.get("question"):
-        out.append(("p", meta["question"]))
     out.append(("p", f"{len(runs)} runs in `{meta['store']}` ({n_ok} succeeded, {len(runs) - n_ok} failed), "
                      f"{len(table)} arms. Headline metric: test {metric}. The nuisance setting (learning rate, "
                      f"scheduler, …) of each arm is picked by mean validation {s['selection_metric']} over seeds, "
