@@ -266,7 +266,8 @@ def intruder_sentences(rows_by_arm: dict[str, list[dict[str, Any]]], epsilon: fl
         per_run, per_matrix = row[f"intruders_per_run_eps{epsilon:g}"], row[f"intruders_per_matrix_eps{epsilon:g}"]
         lines.append(f"{row['arm']}: {per_run:.3g} intruder dimension{'' if per_run == 1 else 's'} per run at "
                      f"ε = {epsilon:g} ({per_matrix:.2g} per adapted matrix; top {row['k']} singular vectors of "
-                     f"{row['matrices']} matrices, {row['runs']} run{'' if row['runs'] == 1 else 's'}).")
+                     f"{row['matrices']} matri{'x' if row['matrices'] == 1 else 'ces'}, {row['runs']} run"
+                     f"{'' if row['runs'] == 1 else 's'}).")
     return lines
 
 
