@@ -13,9 +13,17 @@ PiSSA/OLoRA: W_residual + B·A·scale; AdaLoRA: W + B·(A∘E)·scale; (IA)³: d
 W + Λ_b·B·Λ_d·A). The pretrained matrix comes from a CPU copy taken before the method touched the model (PiSSA and
 OLoRA rewrite the base weights at initialisation). Full fine-tuning is analysed on the same matrices.
 
-``spectrum.json`` in a run folder holds ``{"energy": 0.9, "top": 64, "rows": [ROW, ...]}`` with one ROW per matrix:
-``name``, ``layer`` (int or null), ``module`` (the target name it matched), ``shape``, ``singular_values`` (the top
-64), ``effective_rank_90``, ``stable_rank``, ``fro_norm`` (‖ΔW‖_F) and ``rel_fro_norm`` (‖ΔW‖_F / ‖W‖_F).
+**Intruder dimensions** (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence",
+arXiv:2410.21228): the top-k left singular vectors u'ᵢ of the fine-tuned weight W' = W + ΔW are compared by cosine
+similarity with *all* left singular vectors u_j of the pretrained W; u'ᵢ is an intruder at threshold ε when
+maxⱼ |cos(u'ᵢ, u_j)| < ε (singular vectors have no sign, hence |cos|). Each row stores the k best similarities, so
+the count at any ε can be read back (:func:`intruder_count`); defaults k = 10, ε = 0.5, counts also at 0.3 and 0.7.
+
+``spectrum.json`` in a run folder holds ``{"energy": 0.9, "top": 64, "intruder_k": 10, "intruder_epsilons": [0.3, 0.5,
+0.7], "rows": [ROW, ...]}`` with one ROW per matrix: ``name``, ``layer`` (int or null), ``module`` (the target name it
+matched), ``shape``, ``singular_values`` (the top 64), ``effective_rank_90``, ``stable_rank``, ``fro_norm`` (‖ΔW‖_F),
+``rel_fro_norm`` (‖ΔW‖_F / ‖W‖_F), ``intruder_max_cos`` (maxⱼ |cos(u'ᵢ, u_j)| for i = 1 … k) and ``intruders``
+(``{"0.5": count, ...}`` at each stored ε).
 
 Example::
 
@@ -48,6 +56,9 @@ from peftbench.models import encoder_linear_paths, matches_target
 
 ENERGY = 0.9  # share of the squared spectrum the effective rank must hold
 TOP = 64  # singular values stored per matrix
+INTRUDER_K = 10  # top singular vectors of the fine-tuned weight checked for intruders (Shuttleworth et al. 2024)
+INTRUDER_EPSILONS = (0.3, 0.5, 0.7)  # similarity thresholds the counts are stored and reported at
+INTRUDER_EPSILON = 0.5  # the headline threshold
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -71,6 +82,20 @@ def stable_rank(singular_values: torch.Tensor | np.ndarray) -> float:
     if len(s) == 0 or s[0] <= 0:
         return 0.0
     return float((s**2).sum() / s[0] ** 2)
+
+
+def intruder_similarity(pretrained: torch.Tensor, finetuned: torch.Tensor, k: int = INTRUDER_K) -> list[float]:
+    """maxⱼ |cos(u'ᵢ, u_j)| for the top-``k`` left singular vectors u'ᵢ of ``finetuned`` (in order of their singular
+    values) against all left singular vectors u_j of ``pretrained`` (both (out, in) weight matrices, float64 SVD).
+    Singular vectors are unit vectors, so the cosine is the dot product."""
+    u_before = torch.linalg.svd(pretrained.to(torch.float64), full_matrices=False)[0]
+    u_after = torch.linalg.svd(finetuned.to(torch.float64), full_matrices=False)[0][:, :k]
+    return [float(v) for v in (u_after.T @ u_before).abs().max(dim=1).values]
+
+
+def intruder_count(max_cos: list[float] | np.ndarray, epsilon: float = INTRUDER_EPSILON) -> int:
+    """How many of the fine-tuned top singular vectors are intruders: maxⱼ |cos| < ``epsilon``."""
+    return int((np.asarray(max_cos, dtype=float) < epsilon).sum())
 
 
 def snapshot(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
@@ -106,29 +131,37 @@ def _layer_index(name: str) -> int | None:
 
 
 def layer_spectra(model: nn.Module, pretrained: dict[str, torch.Tensor], targets: list[str] | None = None,
-                  top: int = TOP, energy: float = ENERGY) -> list[dict[str, Any]]:
-    """One row per matrix of ``pretrained``: the singular values of its update in the trained ``model``."""
+                  top: int = TOP, energy: float = ENERGY, intruder_k: int = INTRUDER_K,
+                  epsilons: tuple[float, ...] = INTRUDER_EPSILONS) -> list[dict[str, Any]]:
+    """One row per matrix of ``pretrained``: the singular values of its update in the trained ``model`` and the
+    intruder dimensions of its trained weight (:func:`intruder_similarity`)."""
     rows = []
     for name, before in pretrained.items():
         module = _find(model, name)
         if module is None:
             continue
         before = before.to(torch.float64)
-        delta = effective_weight(module) - before
+        after = effective_weight(module)
+        delta = after - before
+        max_cos = intruder_similarity(before, after, intruder_k)
         s = torch.linalg.svdvals(delta)
         fro = float(torch.sqrt((s**2).sum()))
         module_name = next((t for t in (targets or []) if matches_target(name, t)), name.split(".")[-1])
         rows.append({"name": name, "layer": _layer_index(name), "module": module_name, "shape": list(delta.shape),
                      "singular_values": [float(v) for v in s[:top]], "effective_rank_90": effective_rank(s, energy),
                      "stable_rank": stable_rank(s), "fro_norm": fro,
-                     "rel_fro_norm": fro / max(float(torch.linalg.matrix_norm(before)), 1e-30)})
+                     "rel_fro_norm": fro / max(float(torch.linalg.matrix_norm(before)), 1e-30),
+                     "intruder_max_cos": max_cos,
+                     "intruders": {f"{eps:g}": intruder_count(max_cos, eps) for eps in epsilons}})
     return rows
 
 
-def write_spectrum(run_dir: Path, rows: list[dict[str, Any]], energy: float = ENERGY, top: int = TOP) -> Path:
+def write_spectrum(run_dir: Path, rows: list[dict[str, Any]], energy: float = ENERGY, top: int = TOP,
+                   intruder_k: int = INTRUDER_K, epsilons: tuple[float, ...] = INTRUDER_EPSILONS) -> Path:
     """``spectrum.json`` in ``run_dir``."""
     path = Path(run_dir) / "spectrum.json"
-    path.write_text(json.dumps({"energy": energy, "top": top, "rows": rows}))
+    path.write_text(json.dumps({"energy": energy, "top": top, "intruder_k": intruder_k,
+                                "intruder_epsilons": list(epsilons), "rows": rows}))
     return path
 
 
@@ -175,6 +208,67 @@ def spectrum_table(rows_by_arm: dict[str, list[dict[str, Any]]]):
                             "stable_rank_median": float(g["stable_rank"].median()),
                             "rel_update_median": float(g["rel_fro_norm"].median())})
     return pd.DataFrame(records)
+
+
+def _intruder_rows(rows_by_arm: dict[str, list[dict[str, Any]]]):
+    """arm → DataFrame of its rows that carry intruder similarities (older spectrum.json files have none)."""
+    import pandas as pd
+
+    out = {}
+    for arm, rows in rows_by_arm.items():
+        mine = [{"run_id": r.get("run_id", ""), "module": r["module"], "max_cos": r["intruder_max_cos"]}
+                for r in rows if r.get("intruder_max_cos") is not None]
+        if mine:
+            out[arm] = pd.DataFrame(mine)
+    return out
+
+
+def _intruder_stats(frame, epsilon: float) -> tuple[float, float]:
+    """(intruders per run: the sum over its matrices, mean over runs; intruders per matrix: mean over all)."""
+    counts = frame["max_cos"].map(lambda c: intruder_count(c, epsilon))
+    return float(counts.groupby(frame["run_id"]).sum().mean()), float(counts.mean())
+
+
+def intruder_table(rows_by_arm: dict[str, list[dict[str, Any]]], epsilons: tuple[float, ...] = INTRUDER_EPSILONS):
+    """One row per arm with intruder data: matrices, runs, ``k`` (top singular vectors checked), and for each ε
+    ``intruders_per_run_eps{ε}`` (sum over the run's adapted matrices, mean over runs) and
+    ``intruders_per_matrix_eps{ε}`` (mean over matrices × runs). Empty when no row has intruder data."""
+    import pandas as pd
+
+    records = []
+    for arm, frame in _intruder_rows(rows_by_arm).items():
+        record: dict[str, Any] = {"arm": arm, "matrices": int(frame.groupby("run_id").size().max()),
+                                  "runs": frame["run_id"].nunique(), "k": int(frame["max_cos"].map(len).max())}
+        for eps in epsilons:
+            record[f"intruders_per_run_eps{eps:g}"], record[f"intruders_per_matrix_eps{eps:g}"] = \
+                _intruder_stats(frame, eps)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def intruder_curves(rows_by_arm: dict[str, list[dict[str, Any]]], epsilons=None):
+    """Intruders against the threshold ε (default 0.05 … 0.95): one row per (arm, ε) with ``per_run`` and
+    ``per_matrix`` as in :func:`intruder_table`, for the report's plot."""
+    import pandas as pd
+
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if epsilons is None else epsilons
+    records = [{"arm": arm, "epsilon": float(eps), **dict(zip(("per_run", "per_matrix"), _intruder_stats(frame, eps)))}
+               for arm, frame in _intruder_rows(rows_by_arm).items() for eps in grid]
+    return pd.DataFrame(records, columns=["arm", "epsilon", "per_run", "per_matrix"])
+
+
+def intruder_sentences(rows_by_arm: dict[str, list[dict[str, Any]]], epsilon: float = INTRUDER_EPSILON) -> list[str]:
+    """One sentence per arm, e.g. "lora r=8: 3 intruder dimensions per run at ε = 0.5 (0.25 per adapted matrix; top
+    10 singular vectors of 12 matrices, 3 runs)."."""
+    table = intruder_table(rows_by_arm, (epsilon,))
+    lines = []
+    for row in table.to_dict("records"):
+        per_run, per_matrix = row[f"intruders_per_run_eps{epsilon:g}"], row[f"intruders_per_matrix_eps{epsilon:g}"]
+        lines.append(f"{row['arm']}: {per_run:.3g} intruder dimension{'' if per_run == 1 else 's'} per run at "
+                     f"ε = {epsilon:g} ({per_matrix:.2g} per adapted matrix; top {row['k']} singular vectors of "
+                     f"{row['matrices']} matri{'x' if row['matrices'] == 1 else 'ces'}, {row['runs']} run"
+                     f"{'' if row['runs'] == 1 else 's'}).")
+    return lines
 
 
 def _energy_curve(row: dict[str, Any]) -> np.ndarray:

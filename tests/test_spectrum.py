@@ -127,6 +127,11 @@ def test_runs_store_spectra_of_the_same_matrices(store):
     assert all(r["fro_norm"] > 0 for r in full)
     saved = json.loads((Path(df.loc["lora", "path"]) / "spectrum.json").read_text())
     assert saved["energy"] == 0.9 and saved["top"] == 64
+    assert saved["intruder_k"] == 10 and saved["intruder_epsilons"] == [0.3, 0.5, 0.7]
+    for r in lora + full:  # intruder dimensions of every adapted matrix, full fine-tuning included
+        assert len(r["intruder_max_cos"]) == 10 and all(0 <= c <= 1 + 1e-9 for c in r["intruder_max_cos"])
+        assert r["intruders"] == {e: spectrum.intruder_count(r["intruder_max_cos"], float(e))
+                                  for e in ("0.3", "0.5", "0.7")}
 
 
 def test_report_helpers(store):
@@ -171,3 +176,8 @@ def test_report_shows_the_spectrum_section_and_figure(store, tmp_path):
     assert "full: the update to query has 90% of its energy in rank ≤" in md
     assert (out / "plots" / "spectrum.png").stat().st_size > 1000
     assert "Where the rank goes" in (out / "report.html").read_text()
+    assert "### Intruder dimensions" in md and "per run, ε=0.5" in md
+    assert "lora r=2: " in md.split("### Intruder dimensions")[1]
+    assert (out / "plots" / "intruders.png").stat().st_size > 1000
+    saved = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in saved["groups"][0]["intruders"]} == {"lora r=2", "full"}

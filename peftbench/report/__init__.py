@@ -261,6 +261,7 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
         for _, group in table.groupby(["model", "dataset"], sort=False, dropna=False):
             groups.append(analyse_group(group.reset_index(drop=True), selected, predictions, curves, settings))
     verdicts = [g["verdicts"] for g in groups if len(g["verdicts"])]
+    lr_summary, lr_grid = tables.lr_readout(scores, settings["reference"], settings["selection_metric"])
     return {"settings": settings, "runs": runs, "nuisance": scores, "selected": selected, "table": table,
             "efficiency": tables.efficiency(table, settings["reference"], settings["metric"]) if len(table) else
             pd.DataFrame(), "verdicts": pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(),
@@ -268,7 +269,7 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
             "tuning": tables.tuning_curves(scores, settings["selection_metric"]),
             "data": data_sections(runs),
             "summary": tables.runs_summary(runs, set(selected["run_id"]) if len(selected) else set()),
-            "checks": prediction_checks(runs, predictions)}
+            "checks": prediction_checks(runs, predictions), "lr_readout": lr_summary, "lr_grid": lr_grid}
 
 
 def _of_group(frame: pd.DataFrame | None, g: dict[str, Any]) -> pd.DataFrame | None:
@@ -295,8 +296,13 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
                 ("tuning_curves", plots.tuning_curves(
                     _of_group(analysis.get("tuning"), g), analysis["settings"]["selection_metric"]),
                  "expected best validation score vs tuning trials per arm (Dodge et al. 2019)"),
+                ("lr_curves", plots.lr_curves(_of_group(analysis.get("lr_grid"), g),
+                                              analysis["settings"]["selection_metric"]),
+                 "mean validation score vs learning rate per arm (★ = best; the learning-rate readout)"),
                 ("spectrum", spectrum.spectrum_figure(g["spectra"]) if g.get("spectra") else None,
-                 "spectrum of the learned updates ΔW per arm (chosen runs)")]
+                 "spectrum of the learned updates ΔW per arm (chosen runs)"),
+                ("intruders", plots.intruder_curves(spectrum.intruder_curves(g.get("spectra") or {})),
+                 "intruder dimensions per run vs similarity threshold ε per arm (chosen runs)")]
         out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(fig), caption)
                                       for name, fig, caption in made if fig is not None]
     return out

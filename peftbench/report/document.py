@@ -254,6 +254,7 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
         out.append(("table", nuisance_display(analysis["nuisance"], s["selection_metric"])))
 
     out += _tuning_blocks(analysis.get("tuning"), s["selection_metric"])
+    out += _lr_blocks(analysis.get("lr_readout"), analysis.get("lr_grid"), s["selection_metric"])
     out += _data_blocks(analysis.get("data") or [])
 
     eff = analysis["efficiency"]
@@ -289,6 +290,7 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
                 out.append(("h", 3, group_key(g)))
             out.append(("list", spectrum_sentences(g["spectra"], reference)))
             out.append(("table", spectrum_table(g["spectra"]).round(3)))
+        out += _intruder_blocks(spectra, several)
 
     out.append(("h", 2, "Error analysis"))
     for g in analysis["groups"]:
@@ -349,6 +351,69 @@ def _tuning_blocks(tuning: pd.DataFrame | None, selection_metric: str) -> list[t
         out.append(("p", "**Unequal tuning budgets**: " + ", ".join(f"`{a}` {int(n)} setting(s)" for a, n in
                                                                    zip(sizes["arm"], sizes["of"]))
                          + " — compare arms at the same number of trials (columns above)."))
+    return out
+
+
+def _lr_text(x: Any) -> str:
+    return NA if missing(x) else f"{float(x):.3g}"
+
+
+def _lr_blocks(summary: pd.DataFrame | None, grid: pd.DataFrame | None, selection_metric: str) -> list[tuple]:
+    """Each arm's best learning rate (picked on validation) and its ratio to the reference's, with the validation
+    score over the grid (shown when the reference and at least one other arm sweep the learning rate)."""
+    if summary is None or not len(summary) or (summary["arm"] != summary["reference"]).sum() == 0:
+        return []
+    score = (lambda x: num(x, 4)) if selection_metric == "loss" else pts  # noqa: E731
+    lines = []
+    for row in summary[summary["arm"] != summary["reference"]].itertuples():
+        edge = f"; at the {row.edge} lr tried, so the ratio is only a bound" if row.edge else ""
+        lines.append(f"`{row.arm}`: best learning rate {_lr_text(row.best_lr)} (of {row.lrs} tried, on validation), "
+                     f"{row.lr_ratio:.3g}× `{row.reference}`'s best {_lr_text(row.reference_best_lr)}{edge}.")
+    lrs = sorted(grid["lr"].unique())
+    rows = []
+    for row in summary.itertuples():
+        mine = grid[(grid["model"] == row.model) & (grid["dataset"] == row.dataset) & (grid["arm"] == row.arm)]
+        by_lr = {g.lr: score(g.val_score) + (" ★" if g.best else "") for g in mine.itertuples()}
+        rows.append({"Arm": row.arm, "Best lr": _lr_text(row.best_lr), f"× {row.reference}'s": f"{row.lr_ratio:.3g}×",
+                     **{f"lr {_lr_text(lr)}": by_lr.get(lr, "") for lr in lrs}})
+    shown = pd.DataFrame(rows)
+    if not _single(summary):
+        shown.insert(0, "Dataset", list(summary["dataset"]))
+    return [("h", 3, "Learning rate: each arm's best against the reference's"),
+            ("list", lines), ("table", shown),
+            ("p", f"Best learning rate = the lr of the setting picked on mean validation {selection_metric} (the "
+                  "nuisance table above); each cell is the mean validation score at that lr (other swept settings at "
+                  "their best; ★ = picked). A ratio only means something when the best lr is inside the grid, not at "
+                  "its end. 'LoRA Without Regret' (Schulman et al., Thinking Machines, 2025) found "
+                  "LoRA's best lr ≈ 10× full fine-tuning's.")]
+
+
+def _intruder_blocks(spectra: list[dict[str, Any]], several: bool) -> list[tuple]:
+    """Intruder dimensions per arm (Shuttleworth et al. 2024), when the runs' spectrum.json carry them."""
+    from peftbench.spectrum import INTRUDER_EPSILONS, intruder_sentences, intruder_table
+
+    tables_ = [(g, intruder_table(g["spectra"])) for g in spectra]
+    if not any(len(t) for _, t in tables_):
+        return []
+    out: list[tuple] = [("h", 3, "Intruder dimensions"),
+                        ("p", "Per adapted matrix, the top k singular vectors u′ᵢ of the fine-tuned weight W′ = W + ΔW "
+                              "are compared with all left singular vectors u_j of the pretrained W: u′ᵢ is an "
+                              "intruder dimension when maxⱼ |cos(u′ᵢ, u_j)| < ε (Shuttleworth et al. 2024, 'LoRA vs "
+                              "Full Fine-tuning: An Illusion of Equivalence', arXiv:2410.21228). Counts per run "
+                              "are summed over its adapted matrices and averaged over runs; per matrix, averaged. "
+                              "Details: docs/methods.md.")]
+    for g, table in tables_:
+        if not len(table):
+            continue
+        if several:
+            out.append(("h", 4, group_key(g)))
+        out.append(("list", intruder_sentences(g["spectra"])))
+        shown = pd.DataFrame({"Arm": table["arm"], "Matrices": table["matrices"].astype(str),
+                              "Runs": table["runs"].astype(str), "k": table["k"].astype(str)})
+        for eps in INTRUDER_EPSILONS:
+            shown[f"per run, ε={eps:g}"] = [num(x, 2) for x in table[f"intruders_per_run_eps{eps:g}"]]
+            shown[f"per matrix, ε={eps:g}"] = [num(x, 2) for x in table[f"intruders_per_matrix_eps{eps:g}"]]
+        out.append(("table", shown))
     return out
 
 
@@ -429,6 +494,8 @@ def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
 
 def results_json(analysis: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """Everything in the report as JSON (fractions for metrics in tables, points in verdicts and efficiency)."""
+    from peftbench.spectrum import intruder_table
+
     groups = []
     for g in analysis["groups"]:
         groups.append({"model": g["model"], "dataset": g["dataset"], "reference": g["reference"], "best_arm": g["best"],
@@ -438,12 +505,15 @@ def results_json(analysis: dict[str, Any], meta: dict[str, Any]) -> dict[str, An
                        "disagreement": None if g["pair"] is None else
                        {"a": g["pair"][0], "b": g["pair"][1], **g["disagree_counts"],
                         "examples_listed": render.records(g["disagree"])},
+                       "intruders": render.records(intruder_table(g.get("spectra") or {})),
                        "confusion_matrix_best_arm": None if g["confusion"] is None else
                        [[int(x) for x in row] for row in g["confusion"]]})
     return {"title": meta["title"], "store": meta["store"], "settings": render.jsonable(analysis["settings"]),
             "arms": render.records(analysis["table"]), "nuisance": render.records(analysis["nuisance"]),
             "efficiency": render.records(analysis["efficiency"]), "verdicts": render.records(analysis["verdicts"]),
             "tuning": render.records(analysis["tuning"]) if "tuning" in analysis else [],
+            "lr_readout": render.records(analysis["lr_readout"]) if "lr_readout" in analysis else [],
+            "lr_grid": render.records(analysis["lr_grid"]) if "lr_grid" in analysis else [],
             "data": render.jsonable(analysis.get("data") or []),
             "groups": groups, "failed_runs": render.records(analysis["failed"]),
             "checks": render.records(analysis["checks"])}

@@ -189,3 +189,46 @@ def tuning_curves(tuning: pd.DataFrame, selection_metric: str = "accuracy") -> F
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return fig
+
+
+def intruder_curves(curves: pd.DataFrame | None, k: int | None = None) -> Figure | None:
+    """Intruder dimensions per run (summed over the adapted matrices, mean over runs) against the similarity threshold
+    ε, one line per arm (:func:`peftbench.spectrum.intruder_curves`); the default ε = 0.5 marked. None when no arm has
+    intruder data."""
+    from peftbench.spectrum import INTRUDER_EPSILON
+
+    if curves is None or not len(curves):
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for arm, part in curves.groupby("arm", sort=False):
+        ax.plot(part["epsilon"], part["per_run"], marker=".", label=arm)
+    ax.axvline(INTRUDER_EPSILON, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("similarity threshold ε (intruder: max |cos| with every pretrained singular vector < ε)")
+    ax.set_ylabel("intruder dimensions per run" + (f" (top {k} per matrix)" if k else ""))
+    ax.set_title("intruder dimensions vs ε (Shuttleworth et al. 2024)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def lr_curves(grid: pd.DataFrame | None, selection_metric: str = "accuracy") -> Figure | None:
+    """Mean validation score against the learning rate (log axis), one line per arm
+    (:func:`peftbench.report.tables.lr_readout`'s grid); each arm's best learning rate starred. None when empty."""
+    if grid is None or not len(grid):
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    scale = 1.0 if selection_metric == "loss" else 100.0
+    for arm, part in grid.groupby("arm", sort=False):
+        part = part.sort_values("lr")
+        (line,) = ax.plot(part["lr"], scale * part["val_score"], marker="o", label=arm)
+        best = part[part["best"]]
+        ax.scatter(best["lr"], scale * best["val_score"], marker="*", s=220, color=line.get_color(), zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale; ★ = best on validation)")
+    ax.set_ylabel(f"mean validation {selection_metric}" + ("" if scale == 1 else " (points)"))
+    ax.set_title("validation score vs learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig

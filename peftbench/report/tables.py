@@ -212,6 +212,56 @@ def tuning_curves(scores: pd.DataFrame, selection_metric: str = "accuracy") -> p
     return out
 
 
+def _lr_of(nuisance: str) -> float | None:
+    """The learning rate of a nuisance setting (canonical JSON of the run's train settings), None if it has none."""
+    lr = (json.loads(nuisance) if nuisance and nuisance != "?" else {}).get("lr")
+    return float(lr) if lr is not None else None
+
+
+def lr_readout(scores: pd.DataFrame, reference: str = "full",
+               selection_metric: str = "accuracy") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each arm's best learning rate against the reference's, for the (model, dataset) groups whose reference arm
+    sweeps the learning rate; only arms that sweep it too (more than one lr among their settings) are read.
+
+    Returns ``(summary, grid)`` from :func:`nuisance_scores`. ``summary``: one row per such arm, the reference
+    included — ``lrs`` (how many it tried), ``best_lr`` (the lr of its chosen setting, picked on validation),
+    ``val_score`` there, ``reference_best_lr``, ``lr_ratio`` = best_lr / reference_best_lr, and ``edge``
+    ("lowest"/"highest" when the best lr is the end of the arm's grid: the true optimum may lie beyond, so the ratio
+    is then only a bound; else ""). ``grid``: one row per (arm, lr) — ``val_score``, the best mean validation score of
+    the arm's settings with that lr (other swept settings, e.g. the scheduler, at their best), their ``seeds``, and
+    ``best`` (the lr of the chosen setting). Both empty when nothing applies."""
+    summary_cols = ARM_KEY + ["method", "r", "reference", "lrs", "best_lr", "val_score", "reference_best_lr",
+                              "lr_ratio", "edge"]
+    grid_cols = ARM_KEY + ["method", "lr", "val_score", "seeds", "best"]
+    if not len(scores):
+        return pd.DataFrame(columns=summary_cols), pd.DataFrame(columns=grid_cols)
+    higher = higher_is_better(selection_metric)
+    scores = scores.assign(lr=[_lr_of(n) for n in scores["nuisance"]])
+    summary, grid = [], []
+    for _, group in scores.groupby(["model", "dataset"], sort=False, dropna=False):
+        ref = find_reference(group, reference)
+        if ref is None or group.loc[group["arm"] == ref["arm"], "lr"].nunique() < 2:
+            continue
+        arms = {}
+        for arm, part in group.groupby("arm", sort=False):
+            if part["lr"].nunique() < 2:
+                continue
+            best_lr = float(part.loc[part["chosen"], "lr"].iloc[0])
+            per_lr = part.dropna(subset=["lr"]).sort_values("val_score", ascending=not higher, kind="stable")
+            per_lr = per_lr.drop_duplicates("lr").sort_values("lr")
+            grid += [{**{k: row[k] for k in ARM_KEY + ["method", "lr", "val_score", "seeds"]},
+                      "best": row["lr"] == best_lr} for _, row in per_lr.iterrows()]
+            lrs = per_lr["lr"].tolist()
+            arms[arm] = {**{k: part[k].iloc[0] for k in ARM_KEY + ["method", "r"]}, "lrs": len(lrs), "best_lr": best_lr,
+                         "val_score": float(part.loc[part["chosen"], "val_score"].iloc[0]),
+                         "edge": "lowest" if best_lr == lrs[0] else "highest" if best_lr == lrs[-1] else ""}
+        ref_lr = arms[ref["arm"]]["best_lr"]
+        summary += [{**a, "reference": ref["arm"], "reference_best_lr": ref_lr, "lr_ratio": a["best_lr"] / ref_lr}
+                    for a in arms.values()]
+    return (ordered(pd.DataFrame(summary, columns=summary_cols)),
+            pd.DataFrame(grid, columns=grid_cols))
+
+
 def find_reference(group: pd.DataFrame, reference: str) -> pd.Series | None:
     """The reference arm of one (model, dataset) group: the arm labelled ``reference``, else the first arm whose
     method is ``reference``; None if there is none."""
