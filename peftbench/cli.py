@@ -8,7 +8,7 @@
     peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
     peftbench evaluate RUN_DIR [--dataset SOURCE] [--split test]
     peftbench report [STORE or STUDY.toml]
-    peftbench export RUN_DIR OUT [--merge]                             # a model transformers / peft loads
+    peftbench export RUN_DIR OUT [--merge] [--push-to-hub REPO]        # a model transformers / peft loads
     peftbench predict RUN_DIR --input texts.csv --output preds.csv     # classify new texts
 
 Exit codes: 0 success, 1 some runs failed, 2 bad input (nothing stored is touched).
@@ -328,10 +328,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from peftbench.export import export_run
+    from peftbench.export import export_run, push_to_hub
 
     out = export_run(args.run, args.out, merge=args.merge)
     print(f"exported: {Path(out).resolve()} (see its README.md)")
+    if args.push_to_hub:
+        print(f"pushed to the hub: {push_to_hub(out, args.push_to_hub, private=args.private)}")
     return 0
 
 
@@ -447,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to create (must not exist or be empty)")
     p.add_argument("--merge", action="store_true", help="merge adapter weights into the model (plain transformers "
                    "loads it); without it a peft run is exported as its adapter, head included")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub model repository "
+                   "(created if missing; token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify the texts of a file with a run (or exported) folder")

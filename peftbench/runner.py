@@ -34,7 +34,8 @@ from peftbench.data import Splits, collate, load_splits, make_batches, split_bat
 from peftbench.engine import TrainSettings, bf16_supported, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
-from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
+from peftbench.models import (build_classifier, load_model_config, load_tokenizer, model_fingerprint,
+                              portable_model_id, resolve_model)
 from peftbench.store import Store, write_json
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
@@ -245,7 +246,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
         bar.close()
     else:
         (out / "metrics.jsonl").touch()
-    adapter_size = methods.save_weights(run.method, model, out)
+    adapter_size = methods.save_weights(run.method, model, out, base_model=portable_model_id(run.model))
     _write_spectrum(out, model, pretrained)
     if cfg.get("merge_for_eval", True) and methods.METHODS[run.method].trains:
         p.model = methods.merge_for_inference(run.method, model)  # saved already: predict at the plain model's cost
