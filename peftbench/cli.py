@@ -26,6 +26,7 @@ from typing import Any
 
 from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, ConfigError, apply_overrides,
                               expand_runs, load_study, validate_study)
+from peftbench import progress
 from peftbench.methods import LORA_PARAMS, METHODS
 
 # OSErrors that mean the command was pointed at the wrong place (exit 2, like any bad input); others exit 1.
@@ -174,7 +175,7 @@ def _run(study, args) -> int:
           f"{summaries[0].skipped} already done" + (f", {sum(len(s.claimed) for s in summaries)} left to another "
                                                     f"runner" if any(s.claimed for s in summaries) else "")
           + f") in {store.resolve()}")
-    _summarise(store, run_ids)
+    _summarise(store, run_ids, study)
     if getattr(args, "report", True) and run_ids:
         from peftbench.report import write_report
 
@@ -204,17 +205,24 @@ def _print_verdicts(store, run_ids, study, record) -> None:
         print(plan_display(v).to_string(index=False))
 
 
-def _summarise(store: Path, run_ids: list[str]) -> None:
-    from peftbench.store import load_results
+def _summarise(store: Path, run_ids: list[str], study=None) -> None:
+    """The end-of-study table: per dataset and arm, the runs of its chosen nuisance setting (best validation score,
+    as in the report: ``setting``, e.g. ``lr=0.001``, of ``settings`` tried) and their mean test scores."""
+    from peftbench.report import load_runs, settings_of
+    from peftbench.report.tables import nuisance_scores, select_nuisance
 
-    df = load_results(store, run_ids)
-    ok = df[df["status"] == "success"] if len(df) else df
+    runs = load_runs(store, run_ids)
+    metric = settings_of(study)["selection_metric"]
+    ok = select_nuisance(runs, metric) if len(runs) else runs
     if not len(ok):
         return
+    tried = nuisance_scores(runs, metric).groupby(["dataset", "arm"], sort=False).size().rename("settings")
     table = ok.groupby(["dataset", "arm"], sort=False).agg(
-        runs=("run_id", "count"), test_accuracy=("test_accuracy", "mean"), test_acc_std=("test_accuracy", "std"),
-        test_f1_macro=("test_f1_macro", "mean"), trainable_pct=("params_trainable_pct", "mean"),
-        train_time_s=("train_time_s", "mean")).reset_index()
+        setting=("setting", "first"), runs=("run_id", "count"), test_accuracy=("test_accuracy", "mean"),
+        test_acc_std=("test_accuracy", "std"), test_f1_macro=("test_f1_macro", "mean"),
+        trainable_pct=("params_trainable_pct", "mean"), train_time_s=("train_time_s", "mean"))
+    table = table.join(tried).reset_index()
+    table.insert(3, "settings", table.pop("settings"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
@@ -477,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftbench`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        progress.quiet_libraries()  # no loading bars or "LOAD REPORT" warnings per run
         return args.func(args)
     except ConfigError as e:
         print(f"peftbench: error: {_printable(str(e))}", file=sys.stderr)
