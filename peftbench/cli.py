@@ -8,7 +8,7 @@
     peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
     peftbench evaluate RUN_DIR [--dataset SOURCE] [--split test]
     peftbench report [STORE or STUDY.toml]
-    peftbench export RUN_DIR OUT [--merge]                             # a model transformers / peft loads
+    peftbench export RUN_DIR OUT [--merge] [--push-to-hub REPO]        # a model transformers / peft loads
     peftbench predict RUN_DIR --input texts.csv --output preds.csv     # classify new texts
 
 Exit codes: 0 success, 1 some runs failed, 2 bad input (nothing stored is touched).
@@ -26,6 +26,7 @@ from typing import Any
 
 from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, ConfigError, apply_overrides,
                               expand_runs, load_study, validate_study)
+from peftbench import progress
 from peftbench.methods import LORA_PARAMS, METHODS
 
 # OSErrors that mean the command was pointed at the wrong place (exit 2, like any bad input); others exit 1.
@@ -174,7 +175,7 @@ def _run(study, args) -> int:
           f"{summaries[0].skipped} already done" + (f", {sum(len(s.claimed) for s in summaries)} left to another "
                                                     f"runner" if any(s.claimed for s in summaries) else "")
           + f") in {store.resolve()}")
-    _summarise(store, run_ids)
+    _summarise(store, run_ids, study)
     if getattr(args, "report", True) and run_ids:
         from peftbench.report import write_report
 
@@ -204,17 +205,24 @@ def _print_verdicts(store, run_ids, study, record) -> None:
         print(plan_display(v).to_string(index=False))
 
 
-def _summarise(store: Path, run_ids: list[str]) -> None:
-    from peftbench.store import load_results
+def _summarise(store: Path, run_ids: list[str], study=None) -> None:
+    """The end-of-study table: per dataset and arm, the runs of its chosen nuisance setting (best validation score,
+    as in the report: ``setting``, e.g. ``lr=0.001``, of ``settings`` tried) and their mean test scores."""
+    from peftbench.report import load_runs, settings_of
+    from peftbench.report.tables import nuisance_scores, select_nuisance
 
-    df = load_results(store, run_ids)
-    ok = df[df["status"] == "success"] if len(df) else df
+    runs = load_runs(store, run_ids)
+    metric = settings_of(study)["selection_metric"]
+    ok = select_nuisance(runs, metric) if len(runs) else runs
     if not len(ok):
         return
+    tried = nuisance_scores(runs, metric).groupby(["dataset", "arm"], sort=False).size().rename("settings")
     table = ok.groupby(["dataset", "arm"], sort=False).agg(
-        runs=("run_id", "count"), test_accuracy=("test_accuracy", "mean"), test_acc_std=("test_accuracy", "std"),
-        test_f1_macro=("test_f1_macro", "mean"), trainable_pct=("params_trainable_pct", "mean"),
-        train_time_s=("train_time_s", "mean")).reset_index()
+        setting=("setting", "first"), runs=("run_id", "count"), test_accuracy=("test_accuracy", "mean"),
+        test_acc_std=("test_accuracy", "std"), test_f1_macro=("test_f1_macro", "mean"),
+        trainable_pct=("params_trainable_pct", "mean"), train_time_s=("train_time_s", "mean"))
+    table = table.join(tried).reset_index()
+    table.insert(3, "settings", table.pop("settings"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
@@ -328,10 +336,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from peftbench.export import export_run
+    from peftbench.export import export_run, push_to_hub
 
     out = export_run(args.run, args.out, merge=args.merge)
     print(f"exported: {Path(out).resolve()} (see its README.md)")
+    if args.push_to_hub:
+        print(f"pushed to the hub: {push_to_hub(out, args.push_to_hub, private=args.private)}")
     return 0
 
 
@@ -447,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to create (must not exist or be empty)")
     p.add_argument("--merge", action="store_true", help="merge adapter weights into the model (plain transformers "
                    "loads it); without it a peft run is exported as its adapter, head included")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub model repository "
+                   "(created if missing; token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify the texts of a file with a run (or exported) folder")
@@ -472,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftbench`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        progress.quiet_libraries()  # no loading bars or "LOAD REPORT" warnings per run
         return args.func(args)
     except ConfigError as e:
         print(f"peftbench: error: {_printable(str(e))}", file=sys.stderr)

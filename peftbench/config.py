@@ -229,7 +229,9 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.arm} | {self.model} | {self.dataset['name']} | lr={self.train.get('lr')} | seed={self.seed}"
+        lr = self.train.get("lr")  # (the untrained arm has none: left out, never "lr=None")
+        return " | ".join([self.arm, self.model, self.dataset["name"]] + ([f"lr={lr}"] if lr is not None else [])
+                          + [f"seed={self.seed}"])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

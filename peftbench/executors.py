@@ -25,9 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from peftbench import methods
+from peftbench import methods, progress
 from peftbench.config import RunConfig, Study, expand_runs
 from peftbench.environment import environment_base, pick_device
 from peftbench.runner import execute_run, get_splits
@@ -92,7 +90,7 @@ def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, An
         if store.status(run.run_id) is None:
             summary.claimed.append(run.run_id)
             holder = (store.claim_info(run.run_id) or {}).get("owner")
-            tqdm.write(f"skip   {run.label}: held by another runner" + (f" ({holder})" if holder else ""))
+            progress.say(f"skip   {run.label}: held by another runner" + (f" ({holder})" if holder else ""))
         else:
             summary.skipped += 1
             if store.status(run.run_id) == "failed":
@@ -101,11 +99,11 @@ def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, An
     summary.done += 1
     if result["status"] == "failed":
         summary.failed.append(run.run_id)
-        tqdm.write(f"FAILED {run.label}: {result['error']}")
+        progress.say(f"FAILED {run.label}: {result['error']}")
         return
     costs = result.get("costs") or {}
     speed = costs.get("train_examples_per_s")
-    tqdm.write(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
+    progress.say(f"done   {run.label}: test acc {result['metrics']['test']['accuracy']:.4f}, "
                f"{costs.get('train_time_s', 0):.1f}s train" + (f", {speed:.0f} ex/s" if speed else "") + tail)
 
 
@@ -126,15 +124,15 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     # run more than a frozen-encoder one; each finished run also prints the ETA measured so far.
     work = {run.run_id: expected_work(run) for run in todo}
     total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
-    bar = tqdm(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
+    bar = progress.bar(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
     for i, run in enumerate(todo, 1):
         bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
         result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id])
         bar.update(round(work[run.run_id]))
         done_work += work[run.run_id]
-        left = total_work - done_work
-        eta = f"; study ETA {tqdm.format_interval((time.perf_counter() - started) / done_work * left)}" if left else ""
-        account_result(summary, run, result, store_obj, eta)
+        left = progress.eta(time.perf_counter() - started, done_work, total_work)
+        account_result(summary, run, result, store_obj, f" ({i}/{len(todo)}; study ETA {left})" if left else
+                       f" ({i}/{len(todo)})")
     bar.close()
     return summary
 
@@ -209,6 +207,7 @@ def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen
     import torch
 
     torch.set_num_threads(threads)  # metrics match the local executor's only at the same thread count
+    progress.quiet_libraries()
     return execute_claimed(RunConfig.from_dict(run), Store(root), pick_device(device), owner, seen)
 
 
@@ -251,7 +250,7 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
     seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
     pending = {task.remote(run.to_dict(), str(store_obj.root), device, owner, seen[run.run_id], threads): run
                for run in todo}
-    bar = tqdm(total=len(todo), desc=f"study {study.name} (ray)", unit="run")
+    bar = progress.bar(total=len(todo), desc=f"study {study.name} (ray)", unit="run")
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)

@@ -2,23 +2,27 @@
 
 ``export_run(RUN_DIR, OUT, merge=...)`` writes one of three layouts, always with the tokenizer (its
 ``model_max_length`` set to the run's ``max_length``, so ``truncation=True`` cuts texts where training did), label
-names in ``config.json`` (``id2label`` / ``label2id``), a ``README.md`` saying how to load it, and
-``peftbench_export.json`` (what ``peftbench predict`` reads):
+names (``id2label`` / ``label2id``), ``peftbench_export.json`` (what ``peftbench predict`` reads) and a ``README.md``
+that is a hub model card (YAML metadata: library, base model, dataset, tags, ``model-index`` with the run's test
+metrics, its seed and id) saying how to load it. ``push_to_hub`` uploads the folder (``export --push-to-hub REPO``).
+Each layout either loads correctly with plain transformers / peft or is refused by them, never loaded as another model:
 
 - **cls-pooled run, merged** (``--merge``, or any ``full`` / ``frozen`` / ``untrained`` run): the whole classifier,
   adapter weights merged in, saved with ``save_pretrained``. Plain ``transformers`` reproduces the run's predictions::
 
       AutoModelForSequenceClassification.from_pretrained(OUT)
 
-- **peft run, not merged**: the peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, head
-  included through ``modules_to_save``), to load onto the base model with ``PeftModel.from_pretrained``.
+- **peft run, not merged**: the peft adapter folder (``adapter_config.json`` with ``task_type = SEQ_CLS`` and the
+  base model's id, ``adapter_model.safetensors``, head included through ``modules_to_save``), which
+  ``AutoPeftModelForSequenceClassification.from_pretrained(OUT)`` loads onto its base model.
 - **mean-pooled run** (the default MiniLM): ``AutoModelForSequenceClassification`` has no mean-pooling head, and a
   ``BertForSequenceClassification`` would classify the [CLS] vector through a pooler that was never trained, i.e. a
-  different model. So the export is honest about it: the (merged) encoder, loadable with ``AutoModel``, plus the
-  linear head in ``classifier.safetensors`` (``weight``, ``bias``) and the ten lines of plain torch in the README that
+  different model. So the top-level ``config.json`` names a model type transformers refuses
+  (``peftbench-mean-pool``); the (merged) encoder and tokenizer are in ``encoder/`` (loadable with ``AutoModel``), the
+  linear head in ``classifier.safetensors`` (``weight``, ``bias``), and the README's ten lines of plain torch
   reproduce the predictions (masked mean of the token states, then the head). ``peftbench predict OUT`` does the same.
   Without ``--merge`` a peft run is exported as its adapter folder, which targets peftbench's ``MeanPoolClassifier``
-  and is loaded by ``peftbench predict``.
+  (no ``task_type``, so ``AutoPeftModelForSequenceClassification`` refuses it) and is loaded by ``peftbench predict``.
 
 Example::
 
@@ -44,8 +48,8 @@ from tqdm.auto import tqdm
 from peftbench import methods
 from peftbench.config import ConfigError, RunConfig
 from peftbench.data import collate, make_batches, read_table
-from peftbench.models import (MeanPoolClassifier, build_classifier, load_tokenizer, require_safetensors,
-                              resolve_model)
+from peftbench.models import (MeanPoolClassifier, build_classifier, load_tokenizer, portable_model_id,
+                              require_safetensors, resolve_model)
 
 MARKER = "peftbench_export.json"
 OUTPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -137,39 +141,110 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     tokenizer = load_tokenizer(run.model)
     tokenizer.model_max_length = run.train["max_length"]
     out.mkdir(parents=True, exist_ok=True)
+    model_dir = out
 
     if peft_adapter:
         layout = "adapter"
         _label_config(model.base_model.model.config, labels)
+        methods.describe_adapter(model, portable_model_id(run.model))  # also for runs saved before it existed
         model.save_pretrained(out)
     elif pooling == "cls":
         layout = "merged"
         _label_config(model.config, labels)
         model.save_pretrained(out)
     else:
-        layout = "merged-mean"
+        layout, model_dir = "merged-mean", out / ENCODER_DIR
         encoder = model.encoder
         _label_config(encoder.config, labels)
-        encoder.save_pretrained(out)
+        encoder.save_pretrained(model_dir)
         save_file({"weight": model.classifier.weight.detach().cpu().contiguous(),
                    "bias": model.classifier.bias.detach().cpu().contiguous()}, out / "classifier.safetensors")
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        (model_dir / "1_Pooling").mkdir(exist_ok=True)
+        (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(
             {"word_embedding_dimension": encoder.config.hidden_size, "pooling_mode_mean_tokens": True}, indent=2))
-    tokenizer.save_pretrained(out)
-    info = {"layout": layout, "pooling": pooling, "labels": labels, "model": run.model, "method": run.method,
-            "method_params": run.method_params, "max_length": run.train["max_length"],
-            "eval_batch_size": run.train.get("eval_batch_size", 64), "run_id": result.get("run_id"),
+        (out / "config.json").write_text(json.dumps(_refusing_config(labels), indent=2))
+    tokenizer.save_pretrained(model_dir)
+    info = {"layout": layout, "pooling": pooling, "labels": labels, "model": run.model,
+            "base_model": portable_model_id(run.model), "method": run.method, "method_params": run.method_params,
+            "max_length": run.train["max_length"], "eval_batch_size": run.train.get("eval_batch_size", 64),
+            "run_id": result.get("run_id"), "study": run.study, "arm": run.arm, "seed": run.seed,
+            "dataset": run.dataset["name"], "dataset_source": run.dataset["source"],
             "test_metrics": {k: result["metrics"]["test"].get(k) for k in ("accuracy", "f1_macro")}}
     (out / MARKER).write_text(json.dumps(info, indent=2))
-    (out / "README.md").write_text(_readme(info))
+    model_card(info).save(out / "README.md")
     return out
+
+
+ENCODER_DIR = "encoder"  # a mean-pooled export's encoder (and tokenizer): a plain AutoModel folder
+
+
+def _refusing_config(labels: list[str]) -> dict[str, Any]:
+    """The top-level ``config.json`` of a mean-pooled export: a model type transformers does not know, so
+    ``AutoModelForSequenceClassification.from_pretrained(OUT)`` (or ``AutoModel``) fails with "does not recognize
+    this architecture" instead of building a [CLS] classifier with a fresh pooler and head."""
+    return {"model_type": "peftbench-mean-pool", "architectures": ["MeanPoolClassifier"],
+            "peftbench_note": "encoder/ (AutoModel) + masked mean of its token states + classifier.safetensors; "
+                              "load with `peftbench predict` or the README's recipe, not AutoModelFor*",
+            "encoder": ENCODER_DIR, "pooling": "mean", "classifier": "classifier.safetensors",
+            "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+def hub_dataset_id(source: str) -> str | None:
+    """A dataset source as a hub id for model-card metadata: hub sources are; built-in and local ones are not."""
+    from peftbench.config import is_local_path
+
+    return None if source.startswith("builtin:") or is_local_path(source) or Path(source).exists() else source
+
+
+def model_card(info: dict[str, Any]):
+    """The export's ``README.md`` as a ``huggingface_hub.ModelCard``: YAML metadata (library, base model, dataset,
+    tags, ``model-index`` with the run's test accuracy and macro F1, the run's seed and id) above the loading
+    recipe of its layout."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    dataset_id = hub_dataset_id(info["dataset_source"])
+    metrics = info["test_metrics"]
+    evals = [EvalResult(task_type="text-classification", task_name="Text Classification",
+                        dataset_type=dataset_id or info["dataset"], dataset_name=info["dataset"], dataset_split="test",
+                        metric_type=kind, metric_name=name, metric_config=config, metric_value=metrics[key])
+             for key, kind, name, config in (("accuracy", "accuracy", "Accuracy", None),
+                                             ("f1_macro", "f1", "F1 (macro)", "macro")) if metrics.get(key) is not None]
+    base = info["base_model"]
+    data = ModelCardData(
+        model_name=f"{info['arm']} ({info['study']})", library_name={"adapter": "peft", "merged": "transformers"}.get(
+            info["layout"], "peftbench"),
+        base_model=None if Path(base).exists() else base, datasets=[dataset_id] if dataset_id else None,
+        pipeline_tag="text-classification", tags=["peftbench", info["method"], "text-classification"],
+        eval_results=evals or None,
+        peftbench={"run_id": info["run_id"], "study": info["study"], "arm": info["arm"], "seed": info["seed"],
+                   "method_params": info["method_params"], "layout": info["layout"], "pooling": info["pooling"]})
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_readme(info)}")
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an export folder to the hub model repository ``repo_id`` (created when missing) with
+    ``huggingface_hub.HfApi``; returns the commit URL. The token comes from ``token``, ``HF_TOKEN`` or ``hf auth
+    login``; a hub error is a one-line ConfigError."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                   commit_message="Upload a classifier exported by peftbench")
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConfigError(f"--push-to-hub {repo_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
+    return str(getattr(commit, "commit_url", commit))
 
 
 def _readme(info: dict[str, Any]) -> str:
     head = (f"# {info['method']} classifier exported by peftbench\n\nRun `{info['run_id']}` ({info['method']} on "
-            f"`{info['model']}`, test accuracy {info['test_metrics']['accuracy']:.4f}). Labels: "
-            f"{', '.join(info['labels'])}. Texts were truncated to {info['max_length']} tokens in training.\n\n"
+            f"`{info['base_model']}`, seed {info['seed']}, study `{info['study']}`, arm `{info['arm']}`; test accuracy "
+            f"{info['test_metrics']['accuracy']:.4f} on `{info['dataset']}`). Labels: {', '.join(info['labels'])}. "
+            f"Texts were truncated to {info['max_length']} tokens in training.\n\n"
             f"With peftbench: `peftbench predict THIS_FOLDER --input texts.csv --output preds.csv`\n\n")
     if info["layout"] == "merged":
         return head + """With plain transformers:
@@ -185,15 +260,17 @@ print([model.config.id2label[i] for i in probs.argmax(-1).tolist()])
 """
     if info["layout"] == "merged-mean":
         return head + """This model classifies the **mean** of the token states (sentence-transformers pooling), which
-`AutoModelForSequenceClassification` cannot express: the encoder loads with `AutoModel`, the linear head is in
-`classifier.safetensors`. With plain transformers and torch:
+`AutoModelForSequenceClassification` cannot express, so this folder's `config.json` names a model type transformers
+does not know (`peftbench-mean-pool`): `AutoModelForSequenceClassification.from_pretrained(THIS_FOLDER)` fails instead
+of building a [CLS] classifier with a fresh pooler and head. The encoder and its tokenizer are in `encoder/` (a plain
+`AutoModel` folder), the linear head in `classifier.safetensors`. With plain transformers and torch:
 
 ```python
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")
-encoder = AutoModel.from_pretrained("THIS_FOLDER").eval()
+tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER/encoder")
+encoder = AutoModel.from_pretrained("THIS_FOLDER/encoder").eval()
 head = load_file("THIS_FOLDER/classifier.safetensors")
 batch = tokenizer(["a gripping, funny film"], padding=True, truncation=True, return_tensors="pt")
 states = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -204,24 +281,25 @@ print([encoder.config.id2label[i] for i in probs.argmax(-1).tolist()])
 ```
 """
     if info["pooling"] == "cls":
-        return head + f"""A peft adapter (head included through `modules_to_save`). With transformers and peft:
+        return head + f"""A peft adapter (head included through `modules_to_save`; `adapter_config.json` names the base model
+`{info['base_model']}` and `task_type = SEQ_CLS`). With transformers and peft:
 
 ```python
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
 labels = {info['labels']!r}
-base = AutoModelForSequenceClassification.from_pretrained(
-    "BASE_MODEL", num_labels=len(labels), id2label=dict(enumerate(labels)),
-    label2id={{label: i for i, label in enumerate(labels)}})
-model = PeftModel.from_pretrained(base, "THIS_FOLDER").eval()   # or .merge_and_unload()
+model = AutoPeftModelForSequenceClassification.from_pretrained(
+    "THIS_FOLDER", num_labels=len(labels), id2label=dict(enumerate(labels)),
+    label2id={{label: i for i, label in enumerate(labels)}}).eval()   # or .merge_and_unload()
 tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")
+batch = tokenizer(["a gripping, funny film"], padding=True, truncation=True, return_tensors="pt")
+print([labels[i] for i in model(**batch).logits.argmax(-1).tolist()])
 ```
-
-`BASE_MODEL` is the run's model, `{info['model']}`.
 """
     return head + f"""A peft adapter for peftbench's mean-pooling classifier (`peftbench.models.MeanPoolClassifier` on
-`{info['model']}`), head included through `modules_to_save`. Load it with `peftbench predict`, or export the run again
-with `--merge` for a folder that plain transformers loads.
+`{info['base_model']}`), head included through `modules_to_save`. Its `adapter_config.json` has no `task_type`, so
+`AutoPeftModelForSequenceClassification` refuses it rather than putting it on a [CLS] classifier. Load it with
+`peftbench predict`, or export the run again with `--merge`.
 """
 
 
@@ -240,8 +318,9 @@ def load_predictor(source: str | Path, device: str | torch.device = "cpu", batch
     if (source / MARKER).is_file():
         info = json.loads((source / MARKER).read_text())
         labels, max_length = info["labels"], info["max_length"]
-        tokenizer = load_tokenizer(str(source))
-        _safetensors_only(source)
+        encoder_dir = source / ENCODER_DIR if (source / ENCODER_DIR).is_dir() else source  # (older mean exports)
+        tokenizer = load_tokenizer(str(encoder_dir if info["layout"] == "merged-mean" else source))
+        _safetensors_only(source, encoder_dir)
         if info["layout"] == "merged":
             from transformers import AutoModelForSequenceClassification
 
@@ -249,7 +328,7 @@ def load_predictor(source: str | Path, device: str | torch.device = "cpu", batch
         elif info["layout"] == "merged-mean":
             from transformers import AutoModel
 
-            model = MeanPoolClassifier(AutoModel.from_pretrained(source, use_safetensors=True), len(labels))
+            model = MeanPoolClassifier(AutoModel.from_pretrained(encoder_dir, use_safetensors=True), len(labels))
             model.classifier.load_state_dict(load_file(source / "classifier.safetensors"))
         else:
             from peft import PeftModel

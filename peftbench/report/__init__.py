@@ -66,7 +66,9 @@ def _read(run_dir: Any, name: str, reader) -> pd.DataFrame | None:
 
 
 def load_predictions(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Each successful run's predictions.parquet (runs without one are left out)."""
+    """Each successful run's predictions.parquet (runs without one are left out): run id → a frame with one row per
+    test example: ``id``, ``text``, ``label`` and ``pred`` (class indices), ``probs`` (one array per row),
+    ``length`` (tokens). ``runs``: a :func:`peftbench.load_results` frame (or a subset of its rows)."""
     out = {}
     for _, row in runs[runs["status"] == "success"].iterrows():
         frame = _read(row["path"], "predictions.parquet", pd.read_parquet)
@@ -76,7 +78,9 @@ def load_predictions(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def load_curves(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Each successful run's metrics.jsonl (one row per epoch)."""
+    """Each successful run's metrics.jsonl: run id → a frame with one row per epoch (``epoch``, ``step``,
+    ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``val_f1_macro``, ..., ``examples_per_s``,
+    ``lr``). ``runs``: a :func:`peftbench.load_results` frame (or a subset of its rows)."""
     out = {}
     for _, row in runs[runs["status"] == "success"].iterrows():
         frame = _read(row["path"], "metrics.jsonl", lambda p: pd.read_json(p, lines=True))
