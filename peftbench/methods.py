@@ -577,7 +577,7 @@ def check_model_params(config, method: str, params: dict[str, Any], pooling: str
     """Validation-time check of an arm's head and target names against a model's transformers ``config``: the model
     is built on the meta device (no weights needed). Returns ``resolved_names``; raises ConfigError naming
     ``where``'s field (``"<where>.target_modules: ..."``)."""
-    from peftbench.config import ConfigError
+    from peftbench.fields import ConfigError
     from peftbench.models import classifier_from_config
 
     if is_baseline(method):

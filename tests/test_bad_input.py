@@ -128,7 +128,7 @@ CASES = {
                      "empty or missing label in 1 rows"),
     "target_modules = [nosuch]": (
         lambda t: _run(t, _study(t, arms='[[arms]]\nmethod = "lora"\ntarget_modules = ["nosuch"]\n')),
-        "study.toml: arm 'lora r=8' on "),
+        "study.toml: arm 'lora r=8'.target_modules: nosuch matches no linear layer of bert"),
     "ia3 feedforward not a target": (
         lambda t: _run(t, _study(t, arms='[[arms]]\nmethod = "ia3"\ntarget_modules = ["key"]\n'
                                       'feedforward_modules = ["value"]\n')),

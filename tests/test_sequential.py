@@ -75,7 +75,8 @@ def test_majority_baseline_predicts_the_most_frequent_training_class(tmp_path, s
     (["--until-decided", "--max-seeds", "1"], "--max-seeds: expected at least the study's 2 seed(s)"),
     (["--max-seeds", "4"], "--max-seeds: only with --until-decided"),
     (["--until-decided", "--seed-step", "0"], "--seed-step: expected an integer >= 1"),
-    (["--until-decided", "--set", "report.reference=lora r=64"], "--until-decided needs a reference arm"),
+    (["--until-decided", "--set", "report.reference=lora r=64"], "report.reference: 'lora r=64' names no arm"),
+    (["--until-decided", "--set", "arms.2.method=frozen"], "--until-decided needs a reference arm"),
     (["--until-decided", "--set", "report.margin=0"], "report.margin: expected a number of points > 0"),
 ])
 def test_bad_sequential_input_exits_2_and_touches_nothing(tmp_path, study, capsys, args, message):
