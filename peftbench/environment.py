@@ -42,14 +42,17 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 THREADS: dict[str, Any] = {"threads": None, "why": None}  # the choice of set_threads, recorded with every run
-BUSY_LOAD = 0.75  # 1-minute load average above which other jobs are taken to hold cores
+BUSY_CORES = 0.75  # cores in use by other processes above which fewer threads are used
+BUSY_SAMPLE_S = 0.3  # how long the CPU use of other processes is sampled
 
 
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """How many intra-op threads this process should use, and why: ``requested`` (``--threads``) wins, then
-    ``OMP_NUM_THREADS``; otherwise the physical cores this process may use, less those other jobs keep busy (the
-    1-minute load average, when it is above 0.75). OpenMP threads spinning against another job on the same cores
-    are far slower than fewer threads: on 2 cores beside a busy job, 2 threads ran at 7 ex/s and 1 at 81–92 ex/s."""
+    ``OMP_NUM_THREADS``; otherwise the physical cores this process may use, less the cores other processes keep
+    busy right now (CPU use sampled for 0.3 s while this process waits, when it is above 0.75 of a core). OpenMP
+    threads spinning against another job on the same cores are far slower than fewer threads: on 2 cores beside a
+    busy job, 2 threads ran at 7 ex/s and 1 at 81–92 ex/s. (A load average would also count the set-up that just
+    ran in the same job, so the instantaneous use is sampled instead.)"""
     if requested:
         return int(requested), "--threads"
     if "OMP_NUM_THREADS" in os.environ:
@@ -58,11 +61,11 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores = max(1, min(usable, psutil.cpu_count(logical=False) or usable))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > BUSY_LOAD and cores > 1:
-        n = max(1, min(cores, int(round(cores - load))))
-        return n, f"load average {load:.2f} on {cores} cores: {n} thread(s) to avoid oversubscription"
-    return cores, f"{cores} physical core(s), machine idle (load {load:.2f})"
+    busy = psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100.0 * (psutil.cpu_count() or cores)
+    if busy > BUSY_CORES and cores > 1:
+        n = max(1, min(cores, int(round(cores - busy))))
+        return n, f"{busy:.2f} of {cores} cores busy with other processes: {n} thread(s) to avoid oversubscription"
+    return cores, f"{cores} physical core(s), {busy:.2f} busy with other processes"
 
 
 def set_threads(requested: int | None = None) -> int:

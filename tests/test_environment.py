@@ -16,22 +16,23 @@ def two_cores(monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2)
+    return psutil
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
 
 
 def test_busy_machine_gets_fewer_threads(two_cores, monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 0.8))
+    monkeypatch.setattr(two_cores, "cpu_percent", lambda interval=None: 60.0)  # 1.2 of 2 cores busy
     n, why = environment.choose_threads()
-    assert n == 1 and "load average 1.20" in why
+    assert n == 1 and "1.20 of 2 cores busy" in why
 
 
 def test_idle_machine_gets_every_core(two_cores, monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(two_cores, "cpu_percent", lambda interval=None: 5.0)
     assert environment.choose_threads()[0] == 2
 
 
 def test_requested_threads_win(two_cores, monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(two_cores, "cpu_percent", lambda interval=None: 100.0)
     assert environment.choose_threads(2) == (2, "--threads")
 
 
