@@ -147,7 +147,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
         layout = "adapter"
         _label_config(model.base_model.model.config, labels)
         methods.describe_adapter(model, portable_model_id(run.model))  # also for runs saved before it existed
-        model.save_pretrained(out)
+        model.save_pretrained(out, save_embedding_layers=False)  # "auto" would look the base model up on the hub
     elif pooling == "cls":
         layout = "merged"
         _label_config(model.config, labels)

@@ -666,7 +666,9 @@ def save_weights(method: str, model: nn.Module, out_dir: Path, base_model: str |
     if is_peft(method):
         if base_model is not None:
             describe_adapter(model, base_model)
-        model.save_pretrained(out_dir / "adapter")
+        # save_embedding_layers="auto" would look the (hub id of the) base model up online to see whether its vocabulary
+        # changed: peftbench never resizes it, and a run must never wait on the network
+        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
         files = list((out_dir / "adapter").glob("*"))
     else:
         names = [n for n, p in model.named_parameters() if p.requires_grad or _is_head_param(n)]
