@@ -106,16 +106,24 @@ def verdict_line(v: pd.Series) -> str:
             f"{int(v['n_examples']):,} test examples{look}) → **{v['verdict']}**")
 
 
+def _comparison_columns(v: pd.DataFrame, seeds: str, examples: str) -> tuple[Any, dict[str, Any]]:
+    """A column getter (missing columns read as empty) and the leading columns of a table of comparisons: dataset
+    and model when there are several, arm, reference, seeds of both arms, test examples."""
+    def get(col):
+        return v[col] if col in v else pd.Series([None] * len(v), index=v.index)
+
+    where = {} if _single(v) else {"Dataset": v["dataset"], "Model": v["model"]}
+    return get, {**where, "Arm": v["arm"], "Reference": v["reference"],
+                 seeds: [NA if missing(a) else f"{int(a)} / {int(b)}" for a, b in zip(get("seeds"),
+                                                                                   get("seeds_reference"))],
+                 examples: [count(x) for x in get("n_examples")]}
+
+
 def verdict_display(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The verdict table: every number behind each verdict."""
-    v = verdicts
-    get = lambda col: v[col] if col in v else pd.Series([None] * len(v), index=v.index)  # noqa: E731
-    where = {} if _single(v) else {"Dataset": v["dataset"], "Model": v["model"]}
+    get, head = _comparison_columns(verdicts, "Seeds arm / ref", "Test examples")
     return pd.DataFrame({
-        **where, "Arm": v["arm"], "Reference": v["reference"],
-        "Seeds arm / ref": [NA if missing(a) else f"{int(a)} / {int(b)}" for a, b in zip(get("seeds"),
-                                                                                      get("seeds_reference"))],
-        "Test examples": [count(x) for x in get("n_examples")],
+        **head,
         "Reference (pts)": [num(x, 2) for x in get("reference_score")],
         "Arm (pts)": [num(x, 2) for x in get("candidate_score")],
         "Δ (pts)": [signed(x) for x in get("diff_points")],
@@ -128,24 +136,22 @@ def verdict_display(verdicts: pd.DataFrame) -> pd.DataFrame:
                                   for a, b in zip(get("p_noninferior"), get("p_inferior"))],
         "p decisive (Holm)": [NA if missing(p) else f"{float(p):.2g}" for p in get("p_decision_holm")],
         "McNemar p per seed": [NA if missing(p) else str(p) for p in get("mcnemar_p_per_seed")],
-        "Verdict": v["verdict"]})
+        "Verdict": verdicts["verdict"]})
 
 
 def plan_display(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Planning table of the undecided comparisons: what would decide each with 80% power."""
     v = verdicts[verdicts["verdict"] == verdict.UNDECIDED] if len(verdicts) else verdicts
-    get = lambda col: v[col] if col in v else pd.Series([None] * len(v), index=v.index)  # noqa: E731
-    where = {} if _single(v) else {"Dataset": v["dataset"], "Model": v["model"]}
-    return pd.DataFrame({
-        **where, "Arm": v["arm"], "Reference": v["reference"], "Δ (pts)": [signed(x) for x in get("diff_points")],
-        "Seeds now": [NA if missing(a) else f"{int(a)} / {int(b)}" for a, b in zip(get("seeds"),
-                                                                                 get("seeds_reference"))],
-        "Test examples now": [count(x) for x in get("n_examples")],
+    get, head = _comparison_columns(v, "Seeds now", "Test examples now")
+    table = pd.DataFrame({
+        **head, "Δ (pts)": [signed(x) for x in get("diff_points")],
         "Seeds needed (this test set)": [count(x) if not missing(x) else "more seeds cannot decide"
                                          for x in get("seeds_needed")],
         "Test examples needed (these seeds)": [count(x) if not missing(x) else "a larger test set cannot decide"
                                                for x in get("test_examples_needed")],
         "Bottleneck": get("bottleneck")})
+    first = [c for c in table.columns if c not in ("Δ (pts)", "Seeds now", "Test examples now")][:-3]
+    return table[first + ["Δ (pts)", "Seeds now", "Test examples now"] + list(table.columns[-3:])]
 
 
 def study_question(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
