@@ -186,11 +186,17 @@ def _read_rows(path: Path, spec: dict[str, Any], role: str) -> pd.DataFrame:
 
 
 def _load_hub(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] | None]:
+    from peftbench.hub import OFFLINE_HINT, ensure_reachable
+
+    online = ensure_reachable()  # offline: fail at once instead of retrying every request
     import datasets
 
     try:
         dd = datasets.load_dataset(spec["source"], spec["config_name"])
     except Exception as e:  # the hub raises many types; all mean "cannot load this name"
+        if not online:
+            raise ConfigError(f"dataset '{spec['name']}' (field source): cannot load {spec['source']!r}: "
+                              f"{OFFLINE_HINT} (use a local copy: --set datasets.{spec['name']}.source=PATH)") from None
         raise ConfigError(f"dataset '{spec['name']}': cannot load {spec['source']!r} from the hub or as a local "
                           f"path ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     frames = {role: dd[split].to_pandas() for role, split in split_names(spec).items() if split in dd}

@@ -159,9 +159,19 @@ def load_model_config(name: str):
     if name.startswith((".", "/", "~")) and not Path(path).exists():
         raise ValueError(f"model {name!r}: no such local folder")
     require_safetensors(path)
+    online = True
+    if not Path(path).exists():
+        from peftbench.hub import ensure_reachable
+
+        online = ensure_reachable()  # offline: fail at once instead of retrying every request
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
+        if not online:
+            from peftbench.hub import OFFLINE_HINT
+
+            raise ValueError(f"model {name!r}: {OFFLINE_HINT} (use a local folder, e.g. --set "
+                             f"'models=[\"builtin:minilm\"]')") from None
         raise ValueError(f"model {name!r}: not a local model folder nor a reachable hub id "
                          f"({str(e).splitlines()[0]})") from None
 
