@@ -391,7 +391,8 @@ def example_keys(frame: pd.DataFrame) -> pd.Series:
     pair the text and its pair together (one premise with two hypotheses is two examples)."""
     if "text_pair" not in frame.columns:
         return frame["text"]
-    return frame["text"] + "\x1f" + frame["text_pair"]  # (unit separator: in no text, as whitespace is collapsed)
+    # length-prefixed, so no two different pairs join to the same key
+    return frame["text"].str.len().astype(str) + ":" + frame["text"] + frame["text_pair"]
 
 
 def split_checks(frames: dict[str, pd.DataFrame], n_labels: int) -> dict[str, Any]:

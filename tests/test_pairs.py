@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import RobertaConfig
 
 from peftbench import baselines, llm
 from peftbench.cli import main
@@ -21,6 +22,7 @@ from peftbench.models import load_tokenizer
 from peftbench.report.document import _pair_cells
 from peftbench.report.errors import confident_mistakes, disagreements
 from peftbench.store import Store
+from tests import test_counts
 from tests.conftest import FILLER, NEGATIVE, POSITIVE
 from tests.test_bad_input import checksum, one_line_error
 
@@ -227,7 +229,7 @@ def test_the_pair_field_keeps_old_run_ids_and_is_checked(tmp_path):
         validate_study(raw, tmp_path / "s.toml")
 
 
-def test_the_glue_rte_study_is_a_pair_study():
+def test_the_glue_rte_study_is_a_pair_study(monkeypatch):
     study = load_study(Path(__file__).resolve().parents[1] / "peftbench" / "studies" / "glue_rte.toml")
     rte = study.datasets["rte"]
     assert (rte["source"], rte["config_name"], rte["text_column"], rte["text_pair_column"]) == (
@@ -238,3 +240,9 @@ def test_the_glue_rte_study_is_a_pair_study():
     assert (lora.method_params["r"], lora.method_params["lora_alpha"], lora.method_params["target_modules"]) == (
         8, 16, ["query", "value"])
     assert {r.method for r in runs} == {"full", "lora"} and len(runs) == (3 + 1) * 5
+    # LoRA's trainable parameters: the adapters, 12 layers x (query, value) x (A + B) = 294,912 (the paper's "0.3M"),
+    # and RoBERTa's head, dense 768x768 + out_proj 768x2 with biases = 592,130 (a shapes-only roberta-base)
+    monkeypatch.setitem(test_counts.SEED_CONFIGS, "roberta-base", lambda: RobertaConfig(
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1))
+    counts = test_counts.counts_for("roberta-base", 2, lora.method, lora.method_params)
+    assert (counts["adapter"], counts["head"], counts["trainable"]) == (294_912, 592_130, 887_042)
