@@ -450,8 +450,15 @@ def describe_splits(spec: dict[str, Any], splits: Splits) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What the token ids depend on: the tokenizer's vocabulary and rules, without the truncation and padding state
+    that every call with ``truncation=True`` sets on it (else a tokenizer's first call and later ones would key the
+    token cache differently, and a cache hit, which makes no call, would miss the next split)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        blob = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

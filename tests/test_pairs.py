@@ -236,7 +236,7 @@ def test_the_glue_rte_study_is_a_pair_study(monkeypatch):
         "nyu-mll/glue", "rte", "sentence1", "sentence2")
     runs = expand_runs(study)
     assert study.models == ["roberta-base"] and study.seeds == [0, 1, 2, 3, 4]
-    lora = {r.arm: r for r in runs}["lora"]
+    lora = {r.arm: r for r in runs}["lora r=8"]
     assert (lora.method_params["r"], lora.method_params["lora_alpha"], lora.method_params["target_modules"]) == (
         8, 16, ["query", "value"])
     assert {r.method for r in runs} == {"full", "lora"} and len(runs) == (3 + 1) * 5
