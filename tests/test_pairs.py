@@ -17,10 +17,11 @@ from transformers import RobertaConfig
 from peftbench import baselines, llm
 from peftbench.cli import main
 from peftbench.config import ConfigError, expand_runs, load_study, validate_study
-from peftbench.data import collate, dataset_defaults, encode, encode_frame, load_splits, tokenize
+from peftbench.data import Splits, collate, dataset_defaults, encode, encode_frame, load_splits, tokenize
 from peftbench.models import load_tokenizer
 from peftbench.report.document import _pair_cells
 from peftbench.report.errors import confident_mistakes, disagreements
+from peftbench.runner import evaluate_saved
 from peftbench.store import Store
 from tests import test_counts
 from tests.conftest import FILLER, NEGATIVE, POSITIVE
@@ -201,6 +202,10 @@ def test_a_tiny_pair_study_runs_end_to_end(tmp_path, tiny_bert, pair_data, capsy
     cached = [torch.load(f, weights_only=True) for f in (Store(store).cache_dir / "tokens").glob("*.pt")]
     assert len(cached) == 3 and all(set(c) == {"input_ids", "token_type_ids"} for c in cached)  # train/val/test
     assert "| Text pair |" in (store / "report" / "report.md").read_text()  # the mistakes show both texts
+    # evaluating a stored run again tokenizes the pairs as training did
+    again = evaluate_saved(runs["lora"], device="cpu")
+    stored = json.loads((runs["lora"] / "result.json").read_text())["metrics"]["test"]
+    assert again["accuracy"] == pytest.approx(stored["accuracy"])
 
 
 def test_a_missing_pair_column_is_a_one_line_error_and_touches_nothing(tmp_path, tiny_bert, pair_data, capsys):
@@ -246,3 +251,39 @@ def test_the_glue_rte_study_is_a_pair_study(monkeypatch):
         vocab_size=50265, max_position_embeddings=514, type_vocab_size=1))
     counts = test_counts.counts_for("roberta-base", 2, lora.method, lora.method_params)
     assert (counts["adapter"], counts["head"], counts["trainable"]) == (294_912, 592_130, 887_042)
+
+
+def test_mean_pooled_models_read_the_segment_ids(tiny_minilm_like):
+    """The frozen arm's cached sentence vectors (``features``) see a pair's segments, as its forward does."""
+    from peftbench.models import MeanPoolClassifier, build_classifier
+
+    model = build_classifier(str(tiny_minilm_like), 2).model.eval()
+    assert isinstance(model, MeanPoolClassifier)
+    tokenizer = load_tokenizer(str(tiny_minilm_like))
+    enc = encode(["the good movie"], tokenizer, 32, None, ["was fun"])
+    batch = collate(enc["input_ids"], np.array([0]), 0, enc["token_type_ids"])
+    with torch.no_grad():
+        paired, flat = model.features(**batch), model.features(batch["input_ids"], batch["attention_mask"])
+        assert not torch.allclose(paired, flat)
+        assert torch.allclose(model(**batch).logits, model.head(paired))
+
+
+def test_the_llm_arm_asks_about_both_parts(monkeypatch, tmp_path):
+    asked = []
+
+    def complete(settings, messages, usage, cache_dir):  # the endpoint: "same" for every pair it is shown
+        asked.append(messages)
+        return "\n".join(f"{i}. same" for i in range(1, messages[-1]["content"].count("\nHypothesis: ") + 1))
+
+    monkeypatch.setattr(llm, "complete", complete)
+    frame = pd.DataFrame({"text": ["a good film", "a bad film"], "text_pair": ["it is good", "it is fine"],
+                          "label": [1, 0]})
+    splits = Splits(train=frame, validation=frame, test=frame, labels=["different", "same"],
+                    part_names=("premise", "hypothesis"))
+    out = baselines.run_baseline("llm", {"model": "m", "shots": 1}, splits, seed=0, cache_dir=tmp_path)
+    assert out.preds.tolist() == [1, 1]
+    system, shots, _, question = asked[0]
+    assert "Premise and Hypothesis" in system["content"]
+    assert "Premise: a good film\nHypothesis: it is good" in question["content"]
+    assert shots["content"].count("Premise: ") == 2  # one few-shot pair per class, shown the same way
+    assert out.info["user_template"].endswith("Text 2:\nPremise: <text 2>\nHypothesis: <text pair 2>")
