@@ -47,7 +47,7 @@ LLM_PARAMS: dict[str, tuple[Any, Any, str]] = {
     "api_key_env": (str, "OPENAI_API_KEY", "environment variable holding the API key (unset: no Authorization header)"),
     "shots": (int, 0, "examples per class shown before the texts, drawn from train with the seed (0 = zero-shot)"),
     "batch_size": (int, 10, "texts per request, numbered; the reply must give one numbered label per text"),
-    "truncate": (int, 500, "characters of each text kept (0 = whole text)"),
+    "truncate": (int, 500, "characters of each text kept (0 = whole text; a sentence pair: of each of its texts)"),
     "truncate_side": (str, "last", "which characters truncate keeps: first or last (reviews end with the verdict)"),
     "max_concurrency": (int, 4, "requests in flight at once"),
     "timeout_s": (float, 60.0, "seconds to wait for one reply before retrying"),
@@ -155,6 +155,18 @@ def run_majority(splits: Splits) -> BaselineResult:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# A sentence pair reaches TF-IDF as one document: text, this separator, text_pair. It is one token of the default
+# token pattern and in no real text, so the n-grams that span the boundary are told apart from those within a text.
+PAIR_SEPARATOR = "__sep__"
+
+
+def documents(frame) -> list[str]:
+    """The TF-IDF documents of a split: its texts, or each text and its pair joined by ``PAIR_SEPARATOR``."""
+    if "text_pair" not in frame.columns:
+        return frame["text"].tolist()
+    return (frame["text"] + f" {PAIR_SEPARATOR} " + frame["text_pair"]).tolist()
+
+
 def _full_probs(pipeline, texts: list[str], n_labels: int) -> np.ndarray:
     """predict_proba with one column per label (a label absent from train gets probability 0)."""
     probs = np.zeros((len(texts), n_labels))
@@ -173,12 +185,12 @@ def run_tfidf(params: dict[str, Any], splits: Splits, seed: int) -> BaselineResu
     pipeline = make_pipeline(vectorizer, classifier)
     n_labels = len(splits.labels)
     start = time.perf_counter()
-    pipeline.fit(splits.train["text"].tolist(), splits.train["label"].to_numpy())
+    pipeline.fit(documents(splits.train), splits.train["label"].to_numpy())
     train_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    val_probs = _full_probs(pipeline, splits.validation["text"].tolist(), n_labels)
-    test_probs = _full_probs(pipeline, splits.test["text"].tolist(), n_labels)
+    val_probs = _full_probs(pipeline, documents(splits.validation), n_labels)
+    test_probs = _full_probs(pipeline, documents(splits.test), n_labels)
     eval_time = time.perf_counter() - start
 
     n_coef = int(classifier.coef_.size + classifier.intercept_.size)
@@ -225,17 +237,25 @@ def _llm_costs(usage, params: dict[str, Any], eval_time: float, n_texts: int) ->
             "spent_cost_usd": cost(usage.new_prompt_tokens, usage.new_completion_tokens)}
 
 
+def llm_items(frame) -> list:
+    """What the llm arm classifies per row: the text, or the (text, text_pair) pair."""
+    if "text_pair" not in frame.columns:
+        return frame["text"].tolist()
+    return list(zip(frame["text"], frame["text_pair"]))
+
+
 def run_llm(params: dict[str, Any], splits: Splits, seed: int, cache_dir: Path) -> BaselineResult:
     from peftbench import llm
 
     settings = llm.LLMSettings.from_params(params)
     test_ids = subsample_test(splits.test["label"].to_numpy(), params["max_test"])
-    shots, shot_ids = llm.pick_shots(splits.train["text"].tolist(), splits.train["label"].tolist(), splits.labels,
+    shots, shot_ids = llm.pick_shots(llm_items(splits.train), splits.train["label"].tolist(), splits.labels,
                                      params["shots"], seed, settings.truncate, settings.truncate_side)
-    texts = splits.test["text"].to_numpy()[test_ids].tolist()
+    texts = [llm_items(splits.test)[i] for i in test_ids]
+    parts = splits.part_names if "text_pair" in splits.test.columns else None
     start = time.perf_counter()
     try:
-        out = llm.classify(texts, splits.labels, settings, cache_dir, shots)
+        out = llm.classify(texts, splits.labels, settings, cache_dir, shots, parts)
     except llm.LLMError as e:  # the tokens spent before the failure are a cost of the (failed) run
         if getattr(e, "usage", None) is not None:
             e.costs = _llm_costs(e.usage, params, time.perf_counter() - start, len(texts))
@@ -248,7 +268,9 @@ def run_llm(params: dict[str, Any], splits: Splits, seed: int, cache_dir: Path) 
                                   "trainable_pct")},
         costs={**_llm_costs(out.usage, params, eval_time, len(texts)), "invalid": int(len(invalid))},
         info={"system_prompt": out.system_prompt,
-              "user_template": llm.user_message(["<text 1>", "<text 2>"]),
+              "user_template": llm.user_message(
+                  [("<text 1>", "<text pair 1>"), ("<text 2>", "<text pair 2>")] if parts else ["<text 1>", "<text 2>"],
+                  parts),
               "shot_train_ids": shot_ids, "invalid_test_ids": test_ids[invalid].tolist(),
               "invalid_replies": [out.replies[i][:300] for i in invalid[:20]],
               "n_classified": len(texts), "test_subsampled": bool(len(texts) < len(splits.test))},

@@ -86,6 +86,8 @@ DATASET_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "source": (str, None, "builtin:rotten_tomatoes, a hub dataset id, or a local folder/file (CSV, TSV, JSONL, Parquet)"),
     "config_name": ("str?", None, "hub dataset configuration name (the second argument of datasets.load_dataset)"),
     "text_column": (str, "text", "column holding the text"),
+    "text_pair_column": ("str?", None, "column holding the second text of a sentence pair (premise/hypothesis, "
+                         "question/sentence), tokenized as a pair with text_column; none: single texts"),
     "label_column": (str, "label", "column holding the label (ids or names)"),
     "labels": ("list[str]?", None, "label names in id order (default: labels.txt, the hub's ClassLabel, or sorted names)"),
     "train_split": (str, "train", "split (hub) or file stem (local folder) used for training"),
@@ -100,6 +102,10 @@ DATASET_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "max_validation": ("int?", None, "stratified, seeded subsample of the validation split"),
     "max_test": ("int?", None, "stratified, seeded subsample of the test split"),
 }
+
+# Dataset fields added after runs were stored: at these values they are left out of the dataset spec (and so out of
+# the run id), so every run stored before they existed keeps its id; code reads them with ``.get(key)``.
+DATASET_OMITTED_AT_DEFAULT = {"text_pair_column": None}
 
 REPORT_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "reference": (str, "full", "arm the others are compared with (its label, e.g. 'full' or 'lora r=64')"),
@@ -396,6 +402,14 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         for key in ("validation_fraction", "test_fraction"):
             if not 0 < resolved[key] < 1:
                 raise ConfigError(f"{dwhere}.{key}: expected a fraction in (0, 1), got {resolved[key]!r}")
+        pair = resolved["text_pair_column"]
+        if pair is not None and pair in (resolved["text_column"], resolved["label_column"]):
+            other = "text_column" if pair == resolved["text_column"] else "label_column"
+            raise ConfigError(f"{dwhere}.text_pair_column: {pair!r} is also the {other}; expected the column of "
+                              f"the pair's second text")
+        for key, default in DATASET_OMITTED_AT_DEFAULT.items():
+            if resolved[key] == default:
+                del resolved[key]
         resolved["source"] = _resolve_path(resolved["source"], base, f"{dwhere}.source")
         datasets[dname] = resolved
 

@@ -13,6 +13,11 @@ Sources (``datasets.NAME.source``):
 The test split is never used for model selection: validation comes from the dataset's own validation split or is
 carved (stratified, ``split_seed``) from train.
 
+Sentence pairs (``text_pair_column``: premise/hypothesis, question/sentence) keep a ``text_pair`` column beside
+``text``: an example's identity (duplicates, leaks between splits, conflicting labels) is then the pair, and the two
+texts are tokenized as a pair (``tokenizer(text, text_pair, truncation=True, max_length=...)``), so a model sees
+``[CLS] text [SEP] text_pair [SEP]`` (RoBERTa: ``<s> text </s></s> text_pair </s>``) with its segment ids.
+
 Example::
 
     >>> from peftbench.data import load_splits
@@ -37,7 +42,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from peftbench.config import DATASET_FIELDS, ConfigError
+from peftbench.config import DATASET_FIELDS, DATASET_OMITTED_AT_DEFAULT, ConfigError
 
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 ROLES = ("train", "validation", "test")
@@ -47,13 +52,16 @@ MAX_UNNAMED_LABELS = 10_000  # integer label ids without label names: ids above 
 
 @dataclass
 class Splits:
-    """Three DataFrames with columns ``text`` (str) and ``label`` (int id), and the label names."""
+    """Three DataFrames with columns ``text`` (str), ``text_pair`` (str; sentence-pair datasets only) and ``label``
+    (int id), and the label names. ``part_names`` are a pair dataset's two source column names (``("premise",
+    "hypothesis")``): what the LLM prompt labels the two texts with."""
 
     train: pd.DataFrame
     validation: pd.DataFrame
     test: pd.DataFrame
     labels: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    part_names: tuple[str, str] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -61,15 +69,16 @@ class Splits:
         for role in ROLES:
             frame = getattr(self, role)
             h.update(role.encode())
-            h.update(pd.util.hash_pandas_object(frame[["text", "label"]], index=False).values.tobytes())
+            columns = ["text", "text_pair", "label"] if "text_pair" in frame.columns else ["text", "label"]
+            h.update(pd.util.hash_pandas_object(frame[columns], index=False).values.tobytes())
         h.update(json.dumps(self.labels).encode())
         return h.hexdigest()[:16]
 
 
 def dataset_defaults(**overrides) -> dict[str, Any]:
     """A dataset spec with every field at its default (for code that builds specs without a study file)."""
-    spec = {k: default for k, (_, default, _) in DATASET_FIELDS.items()}
-    spec.update(overrides)
+    spec = {k: default for k, (_, default, _) in DATASET_FIELDS.items() if k not in DATASET_OMITTED_AT_DEFAULT}
+    spec.update({k: v for k, v in overrides.items() if DATASET_OMITTED_AT_DEFAULT.get(k, object()) != v})
     spec.setdefault("name", Path(str(spec["source"]).removeprefix("builtin:")).name.split(".")[0] or "data")
     return spec
 
@@ -255,20 +264,26 @@ def load_raw(spec: dict[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str] |
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Frame column → the dataset field naming its source column.
+TEXT_FIELDS = {"text": "text_column", "text_pair": "text_pair_column"}
+
+
 def _clean(frame: pd.DataFrame, spec: dict[str, Any], role: str) -> pd.DataFrame:
     where = f"dataset '{spec['name']}' ({role})"
-    for col in ("text_column", "label_column"):
+    fields = {**{c: f for c, f in TEXT_FIELDS.items() if spec.get(f) is not None}, "label": "label_column"}
+    for col in fields.values():
         if spec[col] not in frame.columns:
             raise ConfigError(f"{where}: no column {spec[col]!r} (field {col}; columns are: "
                               f"{', '.join(map(str, frame.columns))})")
-    out = pd.DataFrame({"text": frame[spec["text_column"]], "label": frame[spec["label_column"]]})
+    out = pd.DataFrame({name: frame[spec[col]] for name, col in fields.items()})
     out = out.reset_index(drop=True)
-    texts = out["text"]
-    bad = texts.isna() | ~texts.map(lambda t: isinstance(t, str)) | (texts.astype(str).str.strip() == "")
-    if bad.any():
-        row = int(np.flatnonzero(bad.values)[0])
-        raise ConfigError(f"{where}: empty or missing text in {int(bad.sum())} rows (first: row {row}); "
-                          f"remove them or fix column {spec['text_column']!r}")
+    for name in [n for n in fields if n != "label"]:
+        texts = out[name]
+        bad = texts.isna() | ~texts.map(lambda t: isinstance(t, str)) | (texts.astype(str).str.strip() == "")
+        if bad.any():
+            row = int(np.flatnonzero(bad.values)[0])
+            raise ConfigError(f"{where}: empty or missing text in {int(bad.sum())} rows (first: row {row}); "
+                              f"remove them or fix column {spec[fields[name]]!r}")
     labels = out["label"]
     bad = labels.isna() | (labels.astype(str).str.strip() == "")
     if bad.any():
@@ -360,9 +375,9 @@ def make_splits(spec: dict[str, Any], frames: dict[str, pd.DataFrame], names: li
             info["validation_carved_from_train"] = spec["validation_fraction"]
     except ConfigError as e:
         raise ConfigError(f"{where} (train): {e} (fields test_fraction, validation_fraction)") from None
-    test_texts = set(frames["test"]["text"])
+    test_texts = set(example_keys(frames["test"]))
     for role in ("train", "validation"):
-        dup = frames[role]["text"].isin(test_texts)
+        dup = example_keys(frames[role]).isin(test_texts)
         info[f"{role}_test_duplicates_dropped"] = int(dup.sum())
         frames[role] = frames[role][~dup]
     out = {role: stratified_take(frames[role], spec[f"max_{role}"], seed) for role in ROLES}
@@ -372,22 +387,38 @@ def make_splits(spec: dict[str, Any], frames: dict[str, pd.DataFrame], names: li
                           f"also in test)")
     info.update({f"n_{role}": len(out[role]) for role in ROLES})
     info.update(split_checks(out, len(labels)))
-    return Splits(train=out["train"], validation=out["validation"], test=out["test"], labels=labels, info=info)
+    parts = (spec["text_column"], spec["text_pair_column"]) if spec.get("text_pair_column") else None
+    return Splits(train=out["train"], validation=out["validation"], test=out["test"], labels=labels, info=info,
+                  part_names=parts)
+
+
+def example_keys(frame: pd.DataFrame) -> pd.Series:
+    """What makes two examples the same one (duplicates, leaks, conflicting labels): the text, or for a sentence
+    pair the text and its pair together (one premise with two hypotheses is two examples)."""
+    if "text_pair" not in frame.columns:
+        return frame["text"]
+    # length-prefixed, so no two different pairs join to the same key
+    return frame["text"].str.len().astype(str) + ":" + frame["text"] + frame["text_pair"]
 
 
 def split_checks(frames: dict[str, pd.DataFrame], n_labels: int) -> dict[str, Any]:
     """What a reader of the results should know about the final splits: class shares per split, texts repeated
     within a split, validation texts also in train, and identical texts carrying different labels (within a split
-    and across all of them) — sentence-level data with several annotator-agreement levels has all of these."""
+    and across all of them) — sentence-level data with several annotator-agreement levels has all of these. A
+    "text" is a pair of texts for a sentence-pair dataset (``example_keys``)."""
+
+    def conflicting(frame: pd.DataFrame) -> int:
+        return int((frame["label"].groupby(example_keys(frame).to_numpy()).nunique() > 1).sum())
+
     info: dict[str, Any] = {}
     for role, frame in frames.items():
         counts = np.bincount(frame["label"].to_numpy(), minlength=n_labels)
         info[f"{role}_class_shares"] = (counts / max(len(frame), 1)).round(4).tolist()
-        info[f"{role}_duplicate_rows"] = int(frame["text"].duplicated().sum())
-        info[f"{role}_conflicting_texts"] = int((frame.groupby("text")["label"].nunique() > 1).sum())
-    info["validation_texts_in_train"] = int(frames["validation"]["text"].isin(set(frames["train"]["text"])).sum())
-    every = pd.concat(frames.values(), ignore_index=True)
-    info["conflicting_texts_all_splits"] = int((every.groupby("text")["label"].nunique() > 1).sum())
+        info[f"{role}_duplicate_rows"] = int(example_keys(frame).duplicated().sum())
+        info[f"{role}_conflicting_texts"] = conflicting(frame)
+    info["validation_texts_in_train"] = int(example_keys(frames["validation"]).isin(
+        set(example_keys(frames["train"]))).sum())
+    info["conflicting_texts_all_splits"] = conflicting(pd.concat(frames.values(), ignore_index=True))
     return info
 
 
@@ -425,32 +456,64 @@ def describe_splits(spec: dict[str, Any], splits: Splits) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What the token ids depend on: the tokenizer's vocabulary and rules, without the truncation and padding state
+    that every call with ``truncation=True`` sets on it (else a tokenizer's first call and later ones would key the
+    token cache differently, and a cache hit, which makes no call, would miss the next split)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        blob = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int, cache_dir: Path | None = None) -> list[list[int]]:
     """Token ids per text (truncated, not padded), cached on disk by tokenizer + texts + max_length."""
+    return encode(texts, tokenizer, max_length, cache_dir)["input_ids"]
+
+
+def encode_frame(frame: pd.DataFrame, tokenizer, max_length: int,
+                 cache_dir: Path | None = None) -> dict[str, list[list[int]]]:
+    """:func:`encode` of a split's ``text`` column, paired with its ``text_pair`` column when it has one."""
+    pairs = frame["text_pair"].tolist() if "text_pair" in frame.columns else None
+    return encode(frame["text"].tolist(), tokenizer, max_length, cache_dir, pairs)
+
+
+def encode(texts: list[str], tokenizer, max_length: int, cache_dir: Path | None = None,
+           pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
+    """``input_ids`` per example (truncated, not padded), cached on disk by tokenizer + texts (+ pairs) +
+    max_length. With ``pairs``, each text is tokenized with its pair (``truncation=True``: the longer of the two is
+    cut first) and, where the tokenizer makes them, the ``token_type_ids`` (segment ids) come too."""
     key = hashlib.sha256()
     key.update(tokenizer_fingerprint(tokenizer).encode())
     key.update(str(max_length).encode())
     for t in texts:
         key.update(t.encode())
         key.update(b"\0")
+    if pairs is not None:  # (single texts keep the key they always had: their caches stay valid)
+        key.update(b"\1pairs")
+        for t in pairs:
+            key.update(t.encode())
+            key.update(b"\0")
     path = cache_dir / f"{key.hexdigest()[:24]}.pt" if cache_dir else None
     if path is not None and path.is_file():
         try:
-            return torch.load(path, weights_only=True)  # plain lists of ints: never unpickle code
+            cached = torch.load(path, weights_only=True)  # plain lists of ints: never unpickle code
+            return cached if isinstance(cached, dict) else {"input_ids": cached}
         except Exception:  # a torn cache file is only a cache miss
             path.unlink(missing_ok=True)
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    if pairs is None:
+        out = {"input_ids": tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]}
+    else:
+        enc = tokenizer(list(texts), list(pairs), truncation=True, max_length=max_length)
+        out = {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}-{socket.gethostname()}.tmp")
-        torch.save(ids, tmp)
+        torch.save(out if pairs is not None else out["input_ids"], tmp)
         tmp.replace(path)
-    return ids
+    return out
 
 
 def make_batches(lengths: list[int] | np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
@@ -486,8 +549,10 @@ def split_batch(batch: np.ndarray, lengths: np.ndarray, max_tokens: int | None) 
     return [batch[i:i + per] for i in range(0, len(batch), per)]
 
 
-def collate(ids: list[list[int]], batch: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad the selected examples to the longest one in the batch."""
+def collate(ids: list[list[int]], batch: np.ndarray, pad_id: int,
+            type_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Pad the selected examples to the longest one in the batch (``type_ids``: a sentence pair's segment ids, padded
+    with 0, returned as ``token_type_ids``)."""
     seqs = [ids[i] for i in batch]
     longest = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
@@ -495,4 +560,10 @@ def collate(ids: list[list[int]], batch: np.ndarray, pad_id: int) -> dict[str, t
     for row, s in enumerate(seqs):
         input_ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[row, :len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if type_ids is not None:
+        types = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for row, i in enumerate(batch):
+            types[row, :len(type_ids[i])] = torch.tensor(type_ids[i], dtype=torch.long)
+        out["token_type_ids"] = types
+    return out

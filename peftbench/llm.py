@@ -97,7 +97,7 @@ class LLMOutput:
     usage: Usage
     replies: list[str]                      # the raw reply text that decided each prediction
     system_prompt: str
-    shot_examples: list[tuple[str, str]]    # (text as shown, label) of the few-shot examples
+    shot_examples: list[tuple[Item, str]]   # (text as shown, label) of the few-shot examples
 
 
 class LLMError(RuntimeError):
@@ -109,6 +109,10 @@ class LLMError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# What is classified: a text, or a sentence pair's two texts (shown labelled with ``part_names``).
+Item = str | tuple[str, str]
+
+
 def clip_text(text: str, n: int, side: str = "last") -> str:
     """Whitespace collapsed to single spaces (one text = one line), then the first or last ``n`` characters
     (``n <= 0``: the whole text)."""
@@ -118,41 +122,64 @@ def clip_text(text: str, n: int, side: str = "last") -> str:
     return text[:n] if side == "first" else text[-n:]
 
 
-def system_prompt(labels: list[str]) -> str:
+def clip_item(item: Item, n: int, side: str = "last") -> Item:
+    """:func:`clip_text` of a text, or of each text of a pair."""
+    return clip_text(item, n, side) if isinstance(item, str) else tuple(clip_text(t, n, side) for t in item)
+
+
+def part_label(name: str) -> str:
+    """A pair part's label in the prompt: its column name, ``_`` as a space, first letter upper case."""
+    name = name.replace("_", " ").strip()
+    return name[:1].upper() + name[1:]
+
+
+def system_prompt(labels: list[str], part_names: tuple[str, str] | None = None) -> str:
     names = ", ".join(labels)
-    return (f"You are a text classifier. Classify each text into exactly one of these labels: {names}.\n"
+    pairs = "" if part_names is None else (
+        f" Each text is a pair of two parts, {part_label(part_names[0])} and {part_label(part_names[1])}: "
+        "classify the pair as a whole.")
+    return (f"You are a text classifier. Classify each text into exactly one of these labels: {names}.{pairs}\n"
             "Answer with one line per text, numbered like the texts, in the form '<number>. <label>', "
             "using only the label names above and nothing else.")
 
 
-def user_message(texts: list[str]) -> str:
+def user_message(texts: list[Item], part_names: tuple[str, str] | None = None) -> str:
+    """The numbered texts; a pair's two parts each on a line of their own, labelled (``Premise: …``)."""
     head = "Classify this text." if len(texts) == 1 else f"Classify each of these {len(texts)} texts."
-    return head + "\n\n" + "\n".join(f"Text {i}: {t}" for i, t in enumerate(texts, 1))
+
+    def shown(i: int, item: Item) -> str:
+        if isinstance(item, str):
+            return f"Text {i}: {item}"
+        names = part_names or ("text", "text pair")
+        return f"Text {i}:\n" + "\n".join(f"{part_label(name)}: {t}" for name, t in zip(names, item))
+
+    return head + "\n\n" + "\n".join(shown(i, t) for i, t in enumerate(texts, 1))
 
 
 def answer_message(labels: list[str]) -> str:
     return "\n".join(f"{i}. {label}" for i, label in enumerate(labels, 1))
 
 
-def build_messages(texts: list[str], labels: list[str], shots: list[tuple[str, str]],
-                   single_retry: bool = False) -> list[dict[str, str]]:
-    """System message, the few-shot examples as one user/assistant exchange in the answer format, then the texts.
+def build_messages(texts: list[Item], labels: list[str], shots: list[tuple[Item, str]],
+                   single_retry: bool = False, part_names: tuple[str, str] | None = None) -> list[dict[str, str]]:
+    """System message, the few-shot examples as one user/assistant exchange in the answer format, then the texts
+    (``part_names``: a sentence pair's two part labels).
 
     ``single_retry`` asks again about one text with a reminder, so the request (and its cache key) differs from the
     one whose reply could not be parsed."""
-    messages = [{"role": "system", "content": system_prompt(labels)}]
+    messages = [{"role": "system", "content": system_prompt(labels, part_names)}]
     if shots:
-        messages.append({"role": "user", "content": user_message([t for t, _ in shots])})
+        messages.append({"role": "user", "content": user_message([t for t, _ in shots], part_names)})
         messages.append({"role": "assistant", "content": answer_message([lab for _, lab in shots])})
-    content = user_message(texts)
+    content = user_message(texts, part_names)
     if single_retry:
         content += f"\n\nAnswer with exactly one line: '1. <label>' where <label> is one of: {', '.join(labels)}."
     messages.append({"role": "user", "content": content})
     return messages
 
 
-def pick_shots(texts: list[str], label_ids: list[int], labels: list[str], k: int, seed: int,
-               truncate: int, side: str) -> tuple[list[tuple[str, str]], list[int]]:
+def pick_shots(texts: list[Item], label_ids: list[int], labels: list[str], k: int, seed: int,
+               truncate: int, side: str) -> tuple[list[tuple[Item, str]], list[int]]:
     """``k`` examples per class drawn from train with ``seed``, interleaved in a seeded order.
     Returns (shown text, label name) pairs and their row positions in train."""
     if k <= 0:
@@ -164,7 +191,7 @@ def pick_shots(texts: list[str], label_ids: list[int], labels: list[str], k: int
         rows = np.flatnonzero(ids == c)
         chosen.extend(rng.choice(rows, size=min(k, len(rows)), replace=False).tolist())
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-    return [(clip_text(texts[i], truncate, side), labels[int(ids[i])]) for i in chosen], chosen
+    return [(clip_item(texts[i], truncate, side), labels[int(ids[i])]) for i in chosen], chosen
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -316,9 +343,10 @@ def complete(settings: LLMSettings, messages: list[dict[str, str]], usage: Usage
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _classify_batch(texts: list[str], labels: list[str], shots: list[tuple[str, str]], settings: LLMSettings,
-                    usage: Usage, cache_dir: Path | None) -> tuple[list[int], list[str]]:
-    reply = complete(settings, build_messages(texts, labels, shots), usage, cache_dir)
+def _classify_batch(texts: list[Item], labels: list[str], shots: list[tuple[Item, str]], settings: LLMSettings,
+                    usage: Usage, cache_dir: Path | None,
+                    part_names: tuple[str, str] | None = None) -> tuple[list[int], list[str]]:
+    reply = complete(settings, build_messages(texts, labels, shots, part_names=part_names), usage, cache_dir)
     parsed = parse_reply(reply, len(texts), labels)
     if parsed is None:
         parsed = [INVALID] * len(texts)
@@ -328,20 +356,22 @@ def _classify_batch(texts: list[str], labels: list[str], shots: list[tuple[str, 
             continue
         # Asked again, alone and with a reminder of the format, exactly once; then it stays invalid.
         usage.add(reasked=1)
-        single = complete(settings, build_messages([texts[i]], labels, shots, single_retry=True), usage, cache_dir)
+        single = complete(settings, build_messages([texts[i]], labels, shots, single_retry=True,
+                                                   part_names=part_names), usage, cache_dir)
         again = parse_reply(single, 1, labels)
         parsed[i] = again[0] if again else INVALID
         replies[i] = single
     return parsed, replies
 
 
-def classify(texts: list[str], labels: list[str], settings: LLMSettings, cache_dir: Path | None,
-             shots: list[tuple[str, str]] = ()) -> LLMOutput:
+def classify(texts: list[Item], labels: list[str], settings: LLMSettings, cache_dir: Path | None,
+             shots: list[tuple[Item, str]] = (), part_names: tuple[str, str] | None = None) -> LLMOutput:
     """Class id per text (INVALID where the model's answer could not be parsed), batched ``batch_size`` texts per
-    request, at most ``max_concurrency`` requests in flight."""
+    request, at most ``max_concurrency`` requests in flight. A text may be a sentence pair (two texts, each clipped
+    to ``truncate`` and shown labelled with ``part_names``)."""
     if not settings.model:
         raise LLMError("llm: no model set (the model name the endpoint serves, e.g. gpt-4o-mini or llama3.1:8b)")
-    shown = [clip_text(t, settings.truncate, settings.truncate_side) for t in texts]
+    shown = [clip_item(t, settings.truncate, settings.truncate_side) for t in texts]
     shots = list(shots)
     usage = Usage()
     starts = list(range(0, len(shown), max(1, settings.batch_size)))
@@ -349,11 +379,11 @@ def classify(texts: list[str], labels: list[str], settings: LLMSettings, cache_d
         with ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
             results = list(pool.map(
                 lambda s: _classify_batch(shown[s:s + settings.batch_size], labels, shots, settings, usage,
-                                          cache_dir), starts))
+                                          cache_dir, part_names), starts))
     except LLMError as e:
         e.usage = usage  # what was spent before the failure (the run records it)
         raise
     preds = [p for batch, _ in results for p in batch]
     replies = [r for _, batch in results for r in batch]
     return LLMOutput(preds=np.asarray(preds, dtype=np.int64), usage=usage, replies=replies,
-                     system_prompt=system_prompt(labels), shot_examples=shots)
+                     system_prompt=system_prompt(labels, part_names), shot_examples=shots)

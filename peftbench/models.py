@@ -114,17 +114,18 @@ class MeanPoolClassifier(nn.Module):
     def base_model(self) -> nn.Module:
         return self.encoder
 
-    def features(self, input_ids, attention_mask):
-        """The sentence vector (what the frozen method caches)."""
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def features(self, input_ids, attention_mask, token_type_ids=None):
+        """The sentence vector (what the frozen method caches); ``token_type_ids``: a sentence pair's segments."""
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def head(self, features):
         return self.classifier(self.dropout(features))
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        return SequenceClassifierOutput(logits=self.head(self.features(input_ids, attention_mask)))
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        return SequenceClassifierOutput(logits=self.head(self.features(input_ids, attention_mask, token_type_ids)))
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 
 from peftbench import baselines, methods, progress
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
-from peftbench.data import Splits, collate, load_splits, make_batches, split_batch, tokenize
+from peftbench.data import Splits, collate, encode_frame, load_splits, make_batches, split_batch
 from peftbench.engine import TrainSettings, bf16_supported, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
@@ -63,6 +63,7 @@ class Prepared:
     device: torch.device
     pad_id: int
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # cached frozen-encoder outputs per split
+    type_ids: dict[str, list[list[int]]] = field(default_factory=dict)  # sentence pairs: segment ids per split
     length_buckets: bool = True  # False: batches in random order, padded to their longest text (the plain path)
 
     def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, max_tokens: int | None = None):
@@ -104,9 +105,11 @@ class Prepared:
         labels = self.labels[split][idx].to(self.device, non_blocking=True)
         if split in self.features:
             return self.model.head(self.features[split][idx].to(self.device)), labels
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in collate(self.ids[split], idx,
-                                                                               self.pad_id).items()}
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in self.collate(split, idx).items()}
         return self.model(**inputs).logits, labels
+
+    def collate(self, split: str, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return collate(self.ids[split], idx, self.pad_id, self.type_ids.get(split))
 
 
 def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
@@ -117,9 +120,9 @@ def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
             out = torch.empty((len(p.ids[split]), p.model.config.hidden_size))
             for _, idx in p.batches(split, run.train["eval_batch_size"], shuffle=False,
                                     max_tokens=run.train.get("max_tokens_per_batch")):
-                inputs = collate(p.ids[split], idx, p.pad_id)
+                inputs = {k: v.to(p.device) for k, v in p.collate(split, idx).items()}
                 with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats = p.model.features(inputs["input_ids"].to(p.device), inputs["attention_mask"].to(p.device))
+                    feats = p.model.features(**inputs)
                 out[torch.as_tensor(idx)] = feats.float().cpu()
             p.features[split] = out
 
@@ -176,8 +179,9 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     splits = get_splits(run.dataset)
     tokenizer = load_tokenizer(run.model)
     cfg = run.train
-    ids = {role: tokenize(getattr(splits, role)["text"].tolist(), tokenizer, cfg["max_length"],
-                          store.cache_dir / "tokens") for role in ("train", "validation", "test")}
+    encoded = {role: encode_frame(getattr(splits, role), tokenizer, cfg["max_length"], store.cache_dir / "tokens")
+               for role in ("train", "validation", "test")}
+    ids = {role: e["input_ids"] for role, e in encoded.items()}
     labels = {role: torch.tensor(getattr(splits, role)["label"].to_numpy()) for role in ids}
     env["model_fingerprint"] = model_fingerprint(resolve_model(run.model))
     env["dataset_fingerprint"] = splits.fingerprint
@@ -194,7 +198,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     model.to(device)
     p = Prepared(model=model, splits=splits, ids=ids, labels=labels, device=device,
                  pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                 length_buckets=cfg.get("length_buckets", True))
+                 length_buckets=cfg.get("length_buckets", True), type_ids=segment_ids(encoded, backbone.model))
     bf16 = cfg["bf16"] and bf16_supported(device)
     max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
@@ -309,14 +313,25 @@ def _write_spectrum(out: Path, model: torch.nn.Module, pretrained: dict | None) 
         progress.say(f"spectrum analysis skipped: {type(e).__name__}: {e}")
 
 
+def segment_ids(encoded: dict[str, dict[str, list]], model: torch.nn.Module) -> dict[str, list[list[int]]]:
+    """The sentence pairs' segment ids per split, for a model that has segment embeddings (BERT's
+    ``type_vocab_size`` 2); none for single texts or a model without them (RoBERTa, DistilBERT)."""
+    if getattr(getattr(model, "config", None), "type_vocab_size", 1) < 2:
+        return {}
+    return {split: e["token_type_ids"] for split, e in encoded.items() if "token_type_ids" in e}
+
+
 def word_counts(texts: pd.Series) -> np.ndarray:
     return texts.str.split().str.len().to_numpy()
 
 
 def write_predictions(out: Path, test: pd.DataFrame, ids: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> None:
-    """``predictions.parquet``: one row per test example (``length`` in words, the same for every method)."""
-    pd.DataFrame({"id": ids, "text": test["text"].to_numpy(), "label": test["label"].to_numpy(), "pred": preds,
-                  "probs": list(np.asarray(probs, dtype=np.float32)), "length": word_counts(test["text"])}
+    """``predictions.parquet``: one row per test example (``length`` in words, the same for every method; a sentence
+    pair's ``text_pair`` column beside ``text``, and ``length`` the words of both)."""
+    pair = {"text_pair": test["text_pair"].to_numpy()} if "text_pair" in test.columns else {}
+    length = word_counts(test["text"]) + (word_counts(test["text_pair"]) if pair else 0)
+    pd.DataFrame({"id": ids, "text": test["text"].to_numpy(), **pair, "label": test["label"].to_numpy(),
+                  "pred": preds, "probs": list(np.asarray(probs, dtype=np.float32)), "length": length}
                  ).to_parquet(out / "predictions.parquet", index=False)
 
 
@@ -387,12 +402,13 @@ def evaluate_saved(run_dir: str | Path, dataset: dict[str, Any] | None = None, s
     dev = pick_device(device)
     tokenizer = load_tokenizer(run.model)
     frame = getattr(splits, split)
-    ids = {split: tokenize(frame["text"].tolist(), tokenizer, run.train["max_length"])}
+    encoded = {split: encode_frame(frame, tokenizer, run.train["max_length"])}
     # merged as the run predicted (and as fast)
     model, _ = rebuild_model(run, result, run_dir, merge=run.train.get("merge_for_eval", True))
     model = model.to(dev)
-    p = Prepared(model=model, splits=splits, ids=ids, labels={split: torch.as_tensor(frame["label"].to_numpy())},
-                 device=dev, pad_id=tokenizer.pad_token_id or 0)
+    p = Prepared(model=model, splits=splits, ids={split: encoded[split]["input_ids"]},
+                 labels={split: torch.as_tensor(frame["label"].to_numpy())}, device=dev,
+                 pad_id=tokenizer.pad_token_id or 0, type_ids=segment_ids(encoded, model))
     probs = p.predict_split(split, run.train["eval_batch_size"], run.train["bf16"] and bf16_supported(dev),
                             run.train.get("max_tokens_per_batch"))
     return compute_metrics(frame["label"].to_numpy(), probs.numpy(), len(splits.labels))

@@ -193,6 +193,11 @@ def _text(x: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _pair_cells(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """A sentence pair's second text as a table column of its own (nothing for single texts)."""
+    return {"Text pair": [_text(t) for t in frame["text_pair"]]} if "text_pair" in frame.columns else {}
+
+
 def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]]],
            meta: dict[str, Any]) -> list[tuple]:
     """The whole report as blocks (see :mod:`peftbench.report.render`)."""
@@ -477,7 +482,8 @@ def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
         m = g["mistakes"]
         if len(m):
             out.append(("table", pd.DataFrame({"id": m["id"].astype(str), "Seed": m["seed"].astype(str),
-                                               "Text": [_text(t) for t in m["text"]], "Gold": m["gold"],
+                                               "Text": [_text(t) for t in m["text"]], **_pair_cells(m),
+                                               "Gold": m["gold"],
                                                "Predicted": m["predicted"],
                                                "Confidence": [pts(c, 1) for c in m["confidence"]]})))
         else:
@@ -492,7 +498,8 @@ def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
         if len(d):
             out.append(("table", pd.DataFrame({"id": d["id"].astype(str),
                                                "Right under": [a if w == "A" else b for w in d["right_under"]],
-                                               "Text": [_text(t) for t in d["text"]], "Gold": d["gold"],
+                                               "Text": [_text(t) for t in d["text"]], **_pair_cells(d),
+                                               "Gold": d["gold"],
                                                f"{a}: seeds right": [pts(x, 0) + "%" for x in d["a_right"]],
                                                f"{b}: seeds right": [pts(x, 0) + "%" for x in d["b_right"]]})))
     return out

@@ -1,5 +1,6 @@
 """Error analysis from the stored test predictions (``predictions.parquet``: id, text, label, pred, probs, length in
-words; probs may be NaN for a method without probabilities).
+words; probs may be NaN for a method without probabilities; a sentence-pair dataset adds ``text_pair``, and its
+``length`` counts the words of both texts).
 
 Pure functions. An arm's predictions are ``{seed: frame}``; seeds are pooled (every seed's prediction of an example
 counts once). A prediction of -1 (a baseline that named no label) is a mistake.
@@ -101,6 +102,11 @@ def _name(labels: list[str], i: Any) -> str:
     return labels[i] if 0 <= i < len(labels) else str(i)
 
 
+def _pair_column(frame: pd.DataFrame) -> list[str]:
+    """``["text_pair"]`` for the predictions of a sentence-pair dataset, else ``[]``."""
+    return ["text_pair"] if "text_pair" in frame.columns else []
+
+
 def _confidence(probs: Any, pred: Any) -> float:
     if probs is None or pred is None or int(pred) < 0:
         return float("nan")
@@ -110,10 +116,10 @@ def _confidence(probs: Any, pred: Any) -> float:
 
 def confident_mistakes(frames: dict[Any, pd.DataFrame], labels: list[str], n: int = 10) -> pd.DataFrame:
     """The ``n`` mistakes made with the highest probability on the predicted class (seeds pooled, one row per example:
-    its most confident mistake), with the text."""
+    its most confident mistake), with the text (and a sentence pair's ``text_pair``)."""
     p = pooled(frames)
     wrong = p[~p["correct"]].copy()
-    cols = ["id", "seed", "text", "gold", "predicted", "confidence", "length"]
+    cols = ["id", "seed", "text", *_pair_column(p), "gold", "predicted", "confidence", "length"]
     if not len(wrong):
         return pd.DataFrame(columns=cols)
     probs = wrong["probs"] if "probs" in wrong.columns else pd.Series([None] * len(wrong), index=wrong.index)
@@ -132,7 +138,8 @@ def disagreements(a: dict[Any, pd.DataFrame], b: dict[Any, pd.DataFrame], labels
                   n: int = 10) -> tuple[dict[str, int], pd.DataFrame]:
     """Where two arms disagree on correctness. ``a_right_b_wrong`` counts examples right under arm A in most of its
     seeds and wrong under arm B in most of its seeds, ``b_right_a_wrong`` the reverse. The table lists up to ``n`` of
-    each kind (A right first), most lopsided first: id, text, gold, and the fraction of seeds each arm got right."""
+    each kind (A right first), most lopsided first: id, text (and text_pair), gold, and the fraction of seeds each
+    arm got right."""
     pa, pb = pooled(a), pooled(b)
     if not len(pa) or not len(pb):
         return {"a_right_b_wrong": 0, "b_right_a_wrong": 0, "examples": 0}, pd.DataFrame()
@@ -141,6 +148,8 @@ def disagreements(a: dict[Any, pd.DataFrame], b: dict[Any, pd.DataFrame], labels
     both = pd.concat([ra, rb], axis=1, join="inner")
     info = pa.drop_duplicates("id").set_index("id")
     both["text"] = info["text"].reindex(both.index) if "text" in info else None
+    for col in _pair_column(info):
+        both[col] = info[col].reindex(both.index)
     both["gold"] = [_name(labels, i) for i in info["label"].reindex(both.index)]
     a_wins = both[(both["a_right"] > 0.5) & (both["b_right"] < 0.5)]
     b_wins = both[(both["b_right"] > 0.5) & (both["a_right"] < 0.5)]
@@ -151,4 +160,4 @@ def disagreements(a: dict[Any, pd.DataFrame], b: dict[Any, pd.DataFrame], labels
         return frame.assign(right_under=who, _gap=gap).sort_values(["_gap"], ascending=False, kind="stable").head(n)
 
     table = pd.concat([top(a_wins, "A"), top(b_wins, "B")]).drop(columns="_gap").reset_index()
-    return counts, table[["id", "right_under", "text", "gold", "a_right", "b_right"]]
+    return counts, table[["id", "right_under", "text", *_pair_column(both), "gold", "a_right", "b_right"]]
