@@ -87,7 +87,7 @@ def test_lstm_parameter_counts_equal_the_layer_formulas(runs, tiny_bert):
 def test_seeded_lstm_runs_repeat_exactly(runs, tmp_path, tiny_bert, tiny_data):
     again = _run(tmp_path, tiny_bert, tiny_data, LSTM_ARM)
     first, second = _result(runs), json.loads((Path(again.loc["lstm", "path"]) / "result.json").read_text())
-    assert first["run_id"] == second["run_id"]
+    assert first["config"]["method_params"] == second["config"]["method_params"]
     assert first["metrics"] == second["metrics"]
     probs = [np.stack(pd.read_parquet(Path(r.loc["lstm", "path"]) / "predictions.parquet")["probs"].to_numpy())
              for r in (runs, again)]
