@@ -718,7 +718,10 @@ def load_weights(method: str, backbone, run_dir: Path, params: dict[str, Any] | 
         require_safetensors(run_dir / "adapter")  # peft would fall back to a pickled adapter_model.bin
         return PeftModel.from_pretrained(backbone.model, run_dir / "adapter")
     state = load_file(run_dir / "model.safetensors")
-    model = prepare(method, backbone, params or {}) if method == "lstm" else backbone.model
+    if method == "lstm":  # its own model, rebuilt from the run's parameters (defaults for any left out)
+        model = prepare(method, backbone, METHODS[method].resolve_defaults(params or {}))
+    else:
+        model = backbone.model
     missing = set(state) - set(model.state_dict())
     if missing:
         raise ValueError(f"{run_dir}/model.safetensors: weights {sorted(missing)[:3]} do not fit the model")

@@ -17,7 +17,9 @@ from peftbench import methods
 from peftbench.cli import main
 from peftbench.lstm import LSTMClassifier, build
 from peftbench.store import load_results
+from peftbench.config import BUILTIN_STUDIES, expand_runs, load_study
 from tests.conftest import write_study
+from tests.test_counts import counts_for
 
 LSTM_ARM = """
 [[arms]]
@@ -82,6 +84,15 @@ def test_lstm_parameter_counts_equal_the_layer_formulas(runs, tiny_bert):
         counts = methods.count_parameters(model, ["classifier"])
         assert (counts["total"], counts["head"]) == hand_count(vocab, 5, **spec)
         assert counts["trainable"] == counts["total"] and counts["trainable_pct"] == 100.0
+
+
+@pytest.mark.parametrize("study, model, vocab, total", [("imdb", "bert-base-uncased", 30_522, 4_171_522),
+                                                        ("imdb_distilroberta", "distilroberta-base", 50_265, 6_698_626)])
+def test_shipped_imdb_studies_have_the_lstm_row_with_its_documented_count(study, model, vocab, total):
+    runs = [r for r in expand_runs(load_study(BUILTIN_STUDIES / f"{study}.toml")) if r.method == "lstm"]
+    assert runs and runs[0].arm == "lstm" and runs[0].model == model and runs[0].train["epochs"] == 10
+    counts = counts_for(model, 2, "lstm", runs[0].method_params)
+    assert counts["total"] == counts["trainable"] == total == hand_count(vocab, 2, **runs[0].method_params)[0]
 
 
 def test_seeded_lstm_runs_repeat_exactly(runs, tmp_path, tiny_bert, tiny_data):
