@@ -5,8 +5,9 @@ other arm) but none of the model's weights: its embeddings are learned from scra
 vocabulary. The architecture is the classic one::
 
     embedding (vocab × embedding_dim) → dropout → LSTM (num_layers, bidirectional) over the real tokens only
-    (``pack_padded_sequence``: padding never enters the recurrence) → last hidden state of the top layer (both
-    directions concatenated) → dropout → linear ``classifier``
+    (``pack_padded_sequence``: padding never enters the recurrence) → the text vector (``pool``: the mean of the
+    top layer's outputs over the real tokens, or its last hidden state in each direction, concatenated) → dropout →
+    linear ``classifier``
 
 Its forward takes ``input_ids`` and ``attention_mask`` and returns an object with ``.logits``, like a transformers
 classifier, so the training loop, prediction and weights on disk need nothing of their own. The recurrence runs in
@@ -26,19 +27,24 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 # The module that is the classification head (what ``head`` / ``train.head_lr`` refer to).
 HEAD = ("classifier",)
+# How the token states become the text vector: the top layer's final states, or their mean over the real tokens.
+POOLINGS = ("last", "mean")
 
 
 class LSTMClassifier(nn.Module):
-    """Embedding → (Bi)LSTM over the unpadded tokens → final hidden states → dropout → linear ``classifier``."""
+    """Embedding → (Bi)LSTM over the unpadded tokens → mean or final states → dropout → ``classifier``."""
 
     def __init__(self, vocab_size: int, num_labels: int, embedding_dim: int = 128, hidden_size: int = 128,
-                 num_layers: int = 1, dropout: float = 0.2, bidirectional: bool = True):
+                 num_layers: int = 1, dropout: float = 0.2, bidirectional: bool = True, pool: str = "mean"):
         super().__init__()
+        if pool not in POOLINGS:
+            raise ValueError(f"pool: expected one of {', '.join(POOLINGS)}, got {pool!r}")
+        self.pool = pool
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         # nn.LSTM's own dropout acts between stacked layers only (it warns when there is one layer)
         self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers=num_layers, batch_first=True,
@@ -47,13 +53,17 @@ class LSTMClassifier(nn.Module):
         self.classifier = nn.Linear(hidden_size * (2 if bidirectional else 1), num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The text vector: the top layer's last hidden state in each direction (forward: after the last real
-        token; backward: after the first), concatenated."""
+        """The text vector. ``pool = "last"``: the top layer's last hidden state in each direction (forward: after
+        the last real token; backward: after the first), concatenated; ``"mean"``: the top layer's outputs (both
+        directions) averaged over the real tokens."""
         lengths = attention_mask.sum(1).clamp(min=1).cpu()
         with torch.autocast(input_ids.device.type, enabled=False):
             embedded = self.dropout(self.embedding(input_ids)).float()
             packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-            _, (h_n, _) = self.lstm(packed)  # h_n: (num_layers · directions, batch, hidden), batch order restored
+            out, (h_n, _) = self.lstm(packed)  # h_n: (num_layers · directions, batch, hidden), batch order kept
+        if self.pool == "mean":
+            states, _ = pad_packed_sequence(out, batch_first=True)  # zeros after each text's end
+            return states.sum(1) / lengths.to(states.device, states.dtype)[:, None]
         directions = 2 if self.lstm.bidirectional else 1
         return torch.cat(list(h_n[-directions:]), dim=-1)
 
@@ -70,4 +80,5 @@ def build(vocab_size: int, num_labels: int, params: dict) -> LSTMClassifier:
     """The classifier of an ``lstm`` arm's parameters (``methods.LSTM_PARAMS``); every parameter trains."""
     return LSTMClassifier(vocab_size, num_labels, embedding_dim=params["embedding_dim"],
                           hidden_size=params["hidden_size"], num_layers=params["num_layers"],
-                          dropout=params["dropout"], bidirectional=params["bidirectional"])
+                          dropout=params["dropout"], bidirectional=params["bidirectional"],
+                          pool=params["pool"])

@@ -151,6 +151,8 @@ class Method:
             raise ConfigError(f"{where}.{key}: expected a number >= 0, got {value}")
         if key in ("embedding_dim", "hidden_size", "num_layers") and value < 1:
             raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value}")
+        if key == "pool" and self.name == "lstm" and value not in ("last", "mean"):
+            raise ConfigError(f"{where}.pool: expected last or mean, got {value!r}")
         if key == "dropout" and not 0 <= value < 1:
             raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {value}")
         if key == "loraplus_lr_ratio" and value <= 0:
@@ -437,7 +439,9 @@ LSTM_PARAMS = {
     "hidden_size": (int, 128, "LSTM: hidden state size per direction"),
     "num_layers": (int, 1, "LSTM: stacked recurrent layers"),
     "dropout": (float, 0.2, "LSTM: dropout on the embeddings, between stacked layers and before the classifier"),
-    "bidirectional": (bool, True, "LSTM: read the text both ways (the classifier sees both final states)"),
+    "bidirectional": (bool, True, "LSTM: read the text both ways (the classifier sees both directions)"),
+    "pool": (str, "mean", "LSTM: text vector from the top layer: mean (its outputs averaged over the real tokens) or "
+             "last (its final states, both directions)"),
 }
 
 FULL_PARAMS = {"head": ("list[str]", "all", "every parameter trains; which modules count as the head (and take "

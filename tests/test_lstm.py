@@ -27,15 +27,16 @@ method = "lstm"
 embedding_dim = 16
 hidden_size = 12
 lr = 1e-2
+epochs = 20
 """
 ARMS = '[[arms]]\nmethod = "untrained"\n' + LSTM_ARM
-PARAMS = {"embedding_dim": 16, "hidden_size": 12, "num_layers": 1, "dropout": 0.2, "bidirectional": True}
+PARAMS = {"embedding_dim": 16, "hidden_size": 12, "num_layers": 1, "dropout": 0.2, "bidirectional": True,
+          "pool": "mean"}
 
 
 def _run(tmp: Path, model, data, arms: str = ARMS) -> pd.DataFrame:
     study = write_study(tmp / "s.toml", model, data, arms)
-    assert main(["run", str(study), "--store", str(tmp / "store"), "--no-report", "--set", "train.bf16=false",
-                 "--set", "datasets.tiny.max_train=200"]) == 0
+    assert main(["run", str(study), "--store", str(tmp / "store"), "--no-report", "--set", "train.bf16=false"]) == 0
     return load_results(tmp / "store").set_index("method")
 
 
@@ -64,7 +65,7 @@ def hand_count(vocab: int, labels: int, embedding_dim: int, hidden_size: int, nu
 def test_lstm_trains_through_the_cli_and_beats_the_untrained_head(runs):
     assert runs.loc["lstm", "status"] == "success", runs.loc["lstm", "error"]
     result = _result(runs)
-    assert result["metrics"]["epochs_run"] == 5 and result["resolved"] == {"head": ["classifier"]}
+    assert result["metrics"]["epochs_run"] == 20 and result["resolved"] == {"head": ["classifier"]}
     lstm_acc, untrained_acc = runs.loc["lstm", "test_accuracy"], runs.loc["untrained", "test_accuracy"]
     assert lstm_acc > untrained_acc + 0.2 and lstm_acc >= 0.8, (lstm_acc, untrained_acc)
     lines = (Path(runs.loc["lstm", "path"]) / "metrics.jsonl").read_text().splitlines()
@@ -86,8 +87,11 @@ def test_lstm_parameter_counts_equal_the_layer_formulas(runs, tiny_bert):
         assert counts["trainable"] == counts["total"] and counts["trainable_pct"] == 100.0
 
 
-@pytest.mark.parametrize("study, model, vocab, total", [("imdb", "bert-base-uncased", 30_522, 4_171_522),
-                                                        ("imdb_distilroberta", "distilroberta-base", 50_265, 6_698_626)])
+SHIPPED = [("imdb", "bert-base-uncased", 30_522, 4_171_522),
+           ("imdb_distilroberta", "distilroberta-base", 50_265, 6_698_626)]
+
+
+@pytest.mark.parametrize("study, model, vocab, total", SHIPPED)
 def test_shipped_imdb_studies_have_the_lstm_row_with_its_documented_count(study, model, vocab, total):
     runs = [r for r in expand_runs(load_study(BUILTIN_STUDIES / f"{study}.toml")) if r.method == "lstm"]
     assert runs and runs[0].arm == "lstm" and runs[0].model == model and runs[0].train["epochs"] == 10
@@ -105,9 +109,10 @@ def test_seeded_lstm_runs_repeat_exactly(runs, tmp_path, tiny_bert, tiny_data):
     np.testing.assert_array_equal(probs[0], probs[1])
 
 
-def test_padding_does_not_change_a_texts_logits():
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_padding_does_not_change_a_texts_logits(pool):
     torch.manual_seed(0)
-    model = LSTMClassifier(vocab_size=30, num_labels=3, embedding_dim=8, hidden_size=6, num_layers=2).eval()
+    model = LSTMClassifier(vocab_size=30, num_labels=3, embedding_dim=8, hidden_size=6, num_layers=2, pool=pool).eval()
     short, long = [5, 9, 2], [4, 4, 7, 1, 3, 8]
     alone = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
     batch = torch.tensor([short + [0, 0, 0], long])
@@ -138,6 +143,7 @@ def test_predict_uses_an_lstm_run_and_export_refuses_it_in_one_line(runs, tmp_pa
     ("hidden_size = 0", "hidden_size: expected an integer >= 1, got 0"),
     ("dropout = 1.5", "dropout: expected a probability in [0, 1), got 1.5"),
     ("bidirectional = 3", "bidirectional"),
+    ('pool = "max"', "pool: expected last or mean, got 'max'"),
 ])
 def test_bad_lstm_settings_exit_2_with_one_line(tmp_path, tiny_bert, tiny_data, capsys, setting, message):
     study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, f'[[arms]]\nmethod = "lstm"\n{setting}\n')
