@@ -96,7 +96,7 @@ def rebuild_model(run: RunConfig, result: dict[str, Any], run_dir: str | Path, m
     _safetensors_only(resolve_model(run.model), Path(run_dir) / "adapter")
     torch.manual_seed(run.seed)
     backbone = build_classifier(run.model, len(result["labels"]), pooling, result["labels"])
-    model = methods.load_weights(run.method, backbone, Path(run_dir))
+    model = methods.load_weights(run.method, backbone, Path(run_dir), run.method_params)
     if merge:
         model = methods.merge_for_inference(run.method, model)
     return model.eval(), backbone.pooling
@@ -132,6 +132,9 @@ def _label_config(config, labels: list[str]) -> None:
 def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
     """Write a run's model to ``out`` (see the module docstring for the layouts); returns ``out``."""
     run, result = read_run(run_dir)
+    if not methods.METHODS[run.method].exports:
+        raise ConfigError(f"{run_dir}: an {run.method} run is not a transformers model and cannot be exported; "
+                          f"classify texts with `peftbench predict {run_dir} --input ... --output ...`")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: already exists and is not an empty folder")

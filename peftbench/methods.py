@@ -13,6 +13,9 @@
 - ``ia3``: (IA)³ (peft ``IA3Config``): learned vectors rescaling keys, values and the feed-forward input.
 - ``vera``: VeRA (peft ``VeraConfig``): frozen shared random projections, trainable scaling vectors per layer.
 - ``untrained``: nothing trains; the randomly initialised head is evaluated (the pre-fine-tuning baseline).
+- ``lstm``: no pretrained weights at all: a (Bi)LSTM classifier (``peftbench.lstm``) with embeddings learned from
+  scratch over the study model's tokenizer vocabulary, trained by the same loop on the same token ids, splits,
+  batches and seeds (the "LSTM from scratch" row of the IMDB comparison).
 - ``majority``, ``tfidf`` and ``llm``: baselines that are not fine-tuned encoders (see ``peftbench.baselines``); they share the
   splits, metrics and store of every other run.
 
@@ -20,7 +23,7 @@ Example::
 
     >>> from peftbench import methods
     >>> sorted(methods.METHODS)
-    ['adalora', 'frozen', 'full', 'ia3', 'llm', 'lora', 'loraplus', 'majority', 'tfidf', 'untrained', 'vera']
+    ['adalora', 'frozen', 'full', 'ia3', 'llm', 'lora', 'loraplus', 'lstm', 'majority', 'tfidf', 'untrained', 'vera']
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class Method:
     trains: bool = True
     label_keys: tuple[str, ...] = ()
     prepare: Callable[..., nn.Module] | None = None
+    exports: bool = True  # False: its model is no transformers model, so ``peftbench export`` refuses it
 
     def check(self, where: str, key: str, value: Any) -> Any:
         from peftbench.models import HEAD_POLICIES
@@ -145,6 +149,12 @@ class Method:
             raise ConfigError(f"{where}.{key}: expected a number in [0, 1), got {value}")
         if key in ("orth_reg_weight",) and value < 0:
             raise ConfigError(f"{where}.{key}: expected a number >= 0, got {value}")
+        if key in ("embedding_dim", "hidden_size", "num_layers") and value < 1:
+            raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value}")
+        if key == "pool" and self.name == "lstm" and value not in ("last", "mean"):
+            raise ConfigError(f"{where}.pool: expected last or mean, got {value!r}")
+        if key == "dropout" and not 0 <= value < 1:
+            raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {value}")
         if key == "loraplus_lr_ratio" and value <= 0:
             raise ConfigError(f"{where}.loraplus_lr_ratio: expected a positive ratio (LoRA+ uses >= 1), got {value}")
         return value
@@ -360,6 +370,14 @@ def _prepare_vera(backbone, params, **_) -> nn.Module:
     return get_peft_model(backbone.model, config)
 
 
+def _prepare_lstm(backbone, params, **_) -> nn.Module:
+    """A from-scratch (Bi)LSTM over the backbone's vocabulary (``config.vocab_size``: every id its tokenizer gives);
+    the backbone's weights are not used. Every parameter trains."""
+    from peftbench import lstm
+
+    return lstm.build(backbone.model.config.vocab_size, backbone.num_labels, params)
+
+
 HEAD_PARAM = ("list[str]", "all", "which head modules train: all (pooler / pre_classifier + classifier), classifier "
               "(peft's default modules_to_save: classifier / score by suffix, so DistilBERT's pre_classifier too, "
               "BERT's pooler not) or a list of module names")
@@ -415,6 +433,17 @@ VERA_PARAMS = {
     "head": HEAD_PARAM,
 }
 
+LSTM_PARAMS = {
+    "embedding_dim": (int, 128, "LSTM: size of the token embeddings, learned from scratch over the model's tokenizer "
+                      "vocabulary"),
+    "hidden_size": (int, 128, "LSTM: hidden state size per direction"),
+    "num_layers": (int, 1, "LSTM: stacked recurrent layers"),
+    "dropout": (float, 0.2, "LSTM: dropout on the embeddings, between stacked layers and before the classifier"),
+    "bidirectional": (bool, True, "LSTM: read the text both ways (the classifier sees both directions)"),
+    "pool": (str, "mean", "LSTM: text vector from the top layer: mean (its outputs averaged over the real tokens) or "
+             "last (its final states, both directions)"),
+}
+
 FULL_PARAMS = {"head": ("list[str]", "all", "every parameter trains; which modules count as the head (and take "
                         "train.head_lr): all, classifier or a list of module names")}
 FROZEN_PARAMS = {"head": HEAD_PARAM}
@@ -433,6 +462,8 @@ METHODS: dict[str, Method] = {
                   prepare=_prepare_ia3),
     "vera": Method("vera", "VeRA: shared random projections with trained scaling vectors, plus the whole head",
                    params=VERA_PARAMS, label_keys=("r",), prepare=_prepare_vera),
+    "lstm": Method("lstm", "a (Bi)LSTM trained from scratch over the model's tokenizer vocabulary (no pretrained "
+                   "weights)", params=LSTM_PARAMS, prepare=_prepare_lstm, exports=False),
     "untrained": Method("untrained", "no training: the freshly initialised head (pre-fine-tuning baseline)",
                         trains=False, prepare=_prepare_untrained),
     "majority": Method("majority", "always the training split's most frequent class (the floor to clear)",
@@ -564,6 +595,10 @@ def resolved_names(method: str, backbone, params: dict[str, Any]) -> dict[str, l
     out: dict[str, list[str]] = {}
     if is_baseline(method):
         return out
+    if method == "lstm":  # its own model, whose head is its linear classifier
+        from peftbench.lstm import HEAD
+
+        return {"head": list(HEAD)}
     out["head"] = resolve_head(backbone, params)
     if method == "ia3":
         out["target_modules"], out["feedforward_modules"] = resolve_ia3_targets(backbone, params)
@@ -678,8 +713,9 @@ def save_weights(method: str, model: nn.Module, out_dir: Path, base_model: str |
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def load_weights(method: str, backbone, run_dir: Path) -> nn.Module:
-    """Rebuild a trained model from a run folder on top of a freshly loaded ``backbone``."""
+def load_weights(method: str, backbone, run_dir: Path, params: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild a trained model from a run folder on top of a freshly loaded ``backbone`` (``params``: the run's
+    method parameters, which ``lstm`` needs to rebuild its own model)."""
     if is_peft(method):
         from peft import PeftModel
 
@@ -688,11 +724,15 @@ def load_weights(method: str, backbone, run_dir: Path) -> nn.Module:
         require_safetensors(run_dir / "adapter")  # peft would fall back to a pickled adapter_model.bin
         return PeftModel.from_pretrained(backbone.model, run_dir / "adapter")
     state = load_file(run_dir / "model.safetensors")
-    missing = set(state) - set(backbone.model.state_dict())
+    if method == "lstm":  # its own model, rebuilt from the run's parameters (defaults for any left out)
+        model = prepare(method, backbone, METHODS[method].resolve_defaults(params or {}))
+    else:
+        model = backbone.model
+    missing = set(state) - set(model.state_dict())
     if missing:
         raise ValueError(f"{run_dir}/model.safetensors: weights {sorted(missing)[:3]} do not fit the model")
-    backbone.model.load_state_dict(state, strict=False)
-    return backbone.model
+    model.load_state_dict(state, strict=method == "lstm")  # an lstm run saved every weight
+    return model
 
 
 def merge_for_inference(method: str, model: nn.Module) -> nn.Module:

@@ -136,6 +136,7 @@ class Backbone:
     pooling: str  # "cls" or "mean"
     model_type: str
     path: str
+    num_labels: int | None = None  # classes of the fresh head (what a method replacing the model must predict)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -223,7 +224,7 @@ def classifier_from_config(config, num_labels: int, pooling: str = "auto", label
             setattr(config, key, value)
         with on_meta:
             model = AutoModelForSequenceClassification.from_config(config)
-    return Backbone(model=model, pooling=pooling, model_type=config.model_type, path=path)
+    return Backbone(model=model, pooling=pooling, model_type=config.model_type, path=path, num_labels=num_labels)
 
 
 def head_module_names(model: nn.Module, head: str | list[str] = "all") -> list[str]:

@@ -30,7 +30,7 @@ PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes",
          "invalid"]  # invalid: llm predictions whose reply named no label (counted wrong), mean over seeds
 # Table order: baselines first, then by rank, the full fine-tuning reference last; unknown methods in between.
-METHOD_ORDER = {"majority": 0, "untrained": 0.5, "tfidf": 1, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
+METHOD_ORDER = {"majority": 0, "untrained": 0.5, "tfidf": 1, "lstm": 1.5, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
 # Arms with at least this many seeds get a percentile bootstrap CI over seeds, fewer a Student t interval (seed_ci).
 MIN_SEEDS_FOR_BOOTSTRAP = 5
 
