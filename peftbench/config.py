@@ -75,6 +75,10 @@ TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "fused_optimizer": (bool, True, "fused AdamW kernel on CUDA and CPU (the same update in one pass)"),
     "merge_for_eval": (bool, True, "LoRA: merge the adapters into the base weights for the final predictions "
                        "(after saving them)"),
+    "gradient_checkpointing": (bool, False, "recompute activations in the backward pass (transformers' gradient "
+                               "checkpointing, non-reentrant): much less activation memory for big models, slower"),
+    "bf16_weights": (bool, False, "hold the frozen pretrained weights in bfloat16 (trainable parameters and their "
+                     "optimizer state stay fp32); only with bf16 autocast, else ignored (recorded per run)"),
 }
 TRAIN_CHOICES = {
     "lr_scheduler": ("linear", "cosine", "constant"),

@@ -93,7 +93,7 @@ EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size", "max_length", "max_tokens_per_batch",
 
 # Settings added after runs were stored: at these values they are left out of the run config (and so out of the run
 # id), so every run stored before they existed keeps its id; code reads them with ``.get(key, default)``.
-OMITTED_AT_DEFAULT = {"head": "all", "head_lr": None}
+OMITTED_AT_DEFAULT = {"head": "all", "head_lr": None, "gradient_checkpointing": False, "bf16_weights": False}
 
 # ``target_modules`` presets besides explicit names (see ``resolve_targets``).
 TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")
@@ -480,6 +480,19 @@ def prepare(method: str, backbone, params: dict[str, Any], total_steps: int | No
 
     ``total_steps`` (optimizer steps of the whole training) is needed by ``adalora``'s rank budget schedule."""
     return METHODS[method].prepare(backbone, params, total_steps=total_steps)
+
+
+def hold_frozen_in_bf16(model: nn.Module) -> int:
+    """Cast every parameter that does not train to bfloat16 in place (once, instead of autocast re-casting it at
+    every step); trainable parameters stay fp32. Returns how many parameters were cast. Only under bf16 autocast:
+    without it fp32 activations would meet bf16 weights."""
+    cast = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+                cast += p.numel()
+    return cast
 
 
 def is_peft(method: str) -> bool:

@@ -227,6 +227,17 @@ def classifier_from_config(config, num_labels: int, pooling: str = "auto", label
     return Backbone(model=model, pooling=pooling, model_type=config.model_type, path=path, num_labels=num_labels)
 
 
+def enable_gradient_checkpointing(backbone: "Backbone") -> None:
+    """transformers' gradient checkpointing on the backbone's encoder, non-reentrant (it keeps the RNG state, so
+    dropout masks and results are those of the plain path, and frozen inputs need no ``requires_grad`` trick)."""
+    model = backbone.model.encoder if isinstance(backbone.model, MeanPoolClassifier) else backbone.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # decoders: a KV cache makes no sense with recomputation
+
+
 def head_module_names(model: nn.Module, head: str | list[str] = "all") -> list[str]:
     """The ``modules_to_save`` names (peft's rule: a module whose path ends with the name) of a head policy:
 

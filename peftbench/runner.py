@@ -33,8 +33,8 @@ from peftbench.data import Splits, collate, encode_frame, load_splits, make_batc
 from peftbench.engine import TrainSettings, bf16_supported, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
-from peftbench.models import (build_classifier, load_model_config, load_tokenizer, model_fingerprint,
-                              portable_model_id, resolve_model)
+from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
+                              model_fingerprint, portable_model_id, resolve_model)
 from peftbench.store import Store, write_json
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
@@ -188,6 +188,8 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
 
     seed_everything(run.seed)
     backbone = build_classifier(run.model, len(splits.labels), cfg["pooling"], splits.labels)
+    if cfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(backbone)
     pretrained = _snapshot_for_spectrum(run, backbone)
     total_steps = None
     if methods.METHODS[run.method].trains:  # AdaLoRA's budget schedule needs it before training
@@ -200,6 +202,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
                  pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                  length_buckets=cfg.get("length_buckets", True), type_ids=segment_ids(encoded, backbone.model))
     bf16 = cfg["bf16"] and bf16_supported(device)
+    frozen_bf16 = methods.hold_frozen_in_bf16(model) if cfg.get("bf16_weights") and bf16 else 0
     max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
     cache_time = 0.0
@@ -222,7 +225,9 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     speed = {"bf16": bf16, "length_buckets": p.length_buckets, "padding_pct": None, "max_tokens_per_batch": max_tokens,
              "split_steps": 0, "fused_optimizer": False, "torch_threads": torch.get_num_threads(),
              "attention": getattr(getattr(backbone.model, "config", None), "_attn_implementation", None),
-             "frozen_features_cached": bool(p.features), "merged_for_eval": False}
+             "frozen_features_cached": bool(p.features), "merged_for_eval": False,
+             "gradient_checkpointing": bool(cfg.get("gradient_checkpointing")), "bf16_weights": frozen_bf16 > 0,
+             "bf16_weight_params": frozen_bf16}
     if methods.METHODS[run.method].trains:
         first = p.steps("train", cfg["batch_size"], run.seed * 1000 + 1, max_tokens)
         speed["padding_pct"] = p.padding_pct(first)
