@@ -152,3 +152,24 @@ def test_cli_runs_a_study_on_ray_and_the_local_executor_resumes_it(local_ray, tm
     assert main(args) == 0
     assert "4 runs (0 trained now, 4 already done)" in capsys.readouterr().out
     assert_clean(store)
+
+
+def test_until_decided_runs_its_added_seeds_on_ray(local_ray, tmp_path, tiny_bert, tiny_data, capsys):
+    """--until-decided with the Ray executor: the added seeds are Ray tasks into the same store, and the record of
+    the looks lists every run it used."""
+    from peftbench.cli import main
+    from peftbench.store import Store, load_results
+
+    arms = "[[arms]]\nmethod = \"majority\"\n[[arms]]\nmethod = \"frozen\"\nlr = 1e-1\n[[arms]]\nmethod = \"full\"\n"
+    study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, arms, seeds="[0, 1]")
+    store = tmp_path / "store"
+    assert main(["run", str(study), "--store", str(store), "--no-report", "--executor", "ray", "--cpus-per-run", "1",
+                 "--until-decided", "--max-seeds", "4"]) == 0
+    assert "look 1/2" in capsys.readouterr().out
+    record = Store(store).read_sequential("tiny")
+    df = load_results(store)
+    assert sorted(record["run_ids"]) == sorted(df["run_id"]) and (df["status"] == "success").all()
+    assert len(record["looks"]) == 2  # 60 test examples: frozen vs full stays undecided at look 1
+    assert sorted(set(df.loc[df["arm"] == "full", "seed"])) == [0, 1, 2, 3]  # the added seeds ran as Ray tasks
+    assert sorted(set(df.loc[df["arm"] == "majority", "seed"])) == [0, 1]  # decided at look 1: no more seeds
+    assert_clean(store)
