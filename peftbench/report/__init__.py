@@ -142,7 +142,6 @@ def group_verdicts(group: pd.DataFrame, ref: pd.Series | None, preds: dict[str, 
             continue
         result = verdict.compare(preds[ref["arm"]], preds[cand["arm"]], margin=float(settings["margin"]),
                                  metric=metric, num_labels=num_labels, alpha=alpha)
-        result.pop("_difference", None)
         open_rows.append({**head, **result})
     verdict.decide_all(open_rows, alpha)
     rows = fixed + open_rows
@@ -167,6 +166,11 @@ def baseline_check(group: pd.DataFrame, preds: dict[str, dict], num_labels: int 
             **{k: result.get(k) for k in ("reference_score", "candidate_score", "diff_points", "ci_low", "ci_high")}}
 
 
+def run_labels(selected: pd.DataFrame, run_ids: list[str]) -> list[str]:
+    """The label names the first of ``run_ids`` that recorded any has (runs of one dataset share them)."""
+    return list(next((lab for lab in selected.loc[selected["run_id"].isin(run_ids), "labels"] if len(lab)), []))
+
+
 def with_example_intervals(table: pd.DataFrame, selected: pd.DataFrame,
                            predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The arm table with each paired metric's 95% CI recomputed from the stored predictions so that it covers test-set
@@ -175,8 +179,7 @@ def with_example_intervals(table: pd.DataFrame, selected: pd.DataFrame,
     table = table.copy()
     for i, row in table.iterrows():
         frames = arm_predictions(row, selected, predictions)
-        labels = next((lab for lab in selected.loc[selected["run_id"].isin(row["run_ids"].split()), "labels"]
-                       if len(lab)), [])
+        labels = run_labels(selected, row["run_ids"].split())
         for m in PAIRED_METRICS:
             ci = verdict.arm_interval(frames, m, len(labels) or None)
             if ci is None:
@@ -193,8 +196,7 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
     metric = settings["metric"]
     paired_metric = metric if metric in PAIRED_METRICS else "accuracy"
     preds = {row["arm"]: arm_predictions(row, selected, predictions) for _, row in group.iterrows()}
-    ids = set(" ".join(group["run_ids"]).split())
-    labels = next((lab for lab in selected.loc[selected["run_id"].isin(ids), "labels"] if len(lab)), [])
+    labels = run_labels(selected, " ".join(group["run_ids"]).split())
     out: dict[str, Any] = {"model": group["model"].iloc[0], "dataset": group["dataset"].iloc[0], "table": group,
                            "labels": list(labels), "paired_metric": paired_metric}
 
@@ -258,8 +260,9 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
     runs = tables.ensure_columns(runs)
     scores = tables.nuisance_scores(runs, settings["selection_metric"])
     selected = tables.select_nuisance(runs, settings["selection_metric"])
-    table = with_example_intervals(tables.arm_table(selected), selected, predictions) if len(selected) else \
-        tables.arm_table(selected)
+    table = tables.arm_table(selected)
+    if len(table):
+        table = with_example_intervals(table, selected, predictions)
     groups = []
     if len(table):
         for _, group in table.groupby(["model", "dataset"], sort=False, dropna=False):

@@ -61,45 +61,8 @@ MAX_EXAMPLES_PLANNED = 10_000_000
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Metrics from counts (hard predictions) and their per-example linearisation
+# Metrics of hard predictions as per-example scores
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def class_counts(labels: np.ndarray, preds: np.ndarray, idx: np.ndarray, num_labels: int) -> tuple[np.ndarray, ...]:
-    """Per-class true positives, predicted and gold counts, each (resamples, num_labels), of the example indices
-    ``idx`` (resamples, n) — one ``np.bincount`` per count. A prediction of -1 (no label), or of an id >= num_labels,
-    is never a class."""
-    rows = np.arange(idx.shape[0])[:, None] * num_labels
-
-    def count(values):
-        v = values[idx]
-        keep = (v >= 0) & (v < num_labels)
-        return np.bincount((rows + v)[keep], minlength=idx.shape[0] * num_labels).reshape(idx.shape[0], num_labels)
-
-    return count(np.where(labels == preds, labels, -1)), count(preds), count(labels)
-
-
-def from_counts(tp: np.ndarray, predicted: np.ndarray, gold: np.ndarray, metric: str) -> np.ndarray:
-    """Accuracy, or precision / recall / F1 averaged ``macro`` (every class counts, like peftbench.evaluate) or
-    ``weighted`` (by gold support), from per-class counts; 0 where a class is undefined (scikit-learn's
-    ``zero_division=0``). The tests check it equals scikit-learn."""
-    tp, predicted, gold = (np.asarray(a, dtype=float) for a in (tp, predicted, gold))
-    if metric == "accuracy":
-        return tp.sum(-1) / gold.sum(-1)
-    kind, avg = metric.rsplit("_", 1)
-    denominator = {"precision": predicted, "recall": gold, "f1": (predicted + gold) / 2}[kind]
-    per_class = np.divide(tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    if avg == "macro":
-        return per_class.mean(-1)
-    return (per_class * gold).sum(-1) / gold.sum(-1)
-
-
-def score(labels: np.ndarray, preds: np.ndarray, metric: str = "accuracy", num_labels: int | None = None) -> float:
-    """A headline metric of hard predictions (accuracy, f1_macro, f1_weighted, precision_*, recall_*)."""
-    labels, preds = np.asarray(labels), np.asarray(preds)
-    k = num_labels or int(max(labels.max(), preds.max())) + 1
-    idx = np.arange(len(labels))[None, :]
-    return float(from_counts(*class_counts(labels, preds, idx, k), metric)[0])
 
 
 def influence(labels: np.ndarray, preds: np.ndarray, metric: str, num_labels: int) -> np.ndarray:
@@ -337,12 +300,17 @@ def shared_ids(frames: list[pd.DataFrame]) -> list:
     return sorted(set.intersection(*(set(f["id"]) for f in frames))) if frames else []
 
 
-def score_table(frames: dict[Any, pd.DataFrame], ids: list, metric: str, num_labels: int) -> tuple[np.ndarray,
-                                                                                                     np.ndarray]:
-    """Gold labels (n,) and the (n, seeds) table of per-example scores (:func:`influence`) on ``ids``."""
-    by_id = [f.drop_duplicates("id").set_index("id").loc[ids] for f in frames.values()]
-    labels = by_id[0]["label"].to_numpy()
-    table = np.column_stack([influence(labels, f["pred"].to_numpy(), metric, num_labels) for f in by_id])
+def on_ids(frames: dict[Any, pd.DataFrame], ids: list) -> dict[Any, pd.DataFrame]:
+    """Each seed's predictions indexed by example id, restricted to ``ids`` in that order (done once per frame)."""
+    return {seed: f.drop_duplicates("id").set_index("id").loc[ids] for seed, f in frames.items()}
+
+
+def score_table(by_id: dict[Any, pd.DataFrame], metric: str, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gold labels (n,) and the (n, seeds) table of per-example scores (:func:`influence`) of frames aligned by
+    :func:`on_ids`. A column's mean is that seed's metric."""
+    frames = list(by_id.values())
+    labels = frames[0]["label"].to_numpy()
+    table = np.column_stack([influence(labels, f["pred"].to_numpy(), metric, num_labels) for f in frames])
     return labels, table
 
 
@@ -359,7 +327,7 @@ def arm_interval(frames: dict[Any, pd.DataFrame], metric: str = "accuracy", num_
     ids = shared_ids(list(frames.values()))
     if len(ids) < 2:
         return None
-    _, table = score_table(frames, ids, metric, _num_labels(list(frames.values()), num_labels))
+    _, table = score_table(on_ids(frames, ids), metric, _num_labels(list(frames.values()), num_labels))
     return mean_interval(table, confidence)
 
 
@@ -381,14 +349,12 @@ def compare(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], margin:
     if len(ids) < 2:
         return {**out, "verdict": NOT_TESTED, "reason": "the runs share fewer than 2 test example ids"}
     kinds = _num_labels(frames, num_labels)
-    labels, ref_table = score_table(ref, ids, metric, kinds)
-    _, cand_table = score_table(cand, ids, metric, kinds)
+    ref, cand = on_ids(ref, ids), on_ids(cand, ids)
+    _, ref_table = score_table(ref, metric, kinds)
+    _, cand_table = score_table(cand, metric, kinds)
     d = difference(cand_table, ref_table)
     m = margin / 100.0
-    ref_scores = [score(labels, f.drop_duplicates("id").set_index("id").loc[ids]["pred"].to_numpy(), metric, kinds)
-                  for f in ref.values()]
-    cand_scores = [score(labels, f.drop_duplicates("id").set_index("id").loc[ids]["pred"].to_numpy(), metric, kinds)
-                   for f in cand.values()]
+    ref_scores, cand_scores = ref_table.mean(0), cand_table.mean(0)  # each seed's metric (influence means)
     out.update(reference_score=100 * float(np.mean(ref_scores)), candidate_score=100 * float(np.mean(cand_scores)),
                diff_points=100 * (float(np.mean(cand_scores)) - float(np.mean(ref_scores))),
                se_points=100 * d["se"], df=d["df"], test_se_points=100 * math.sqrt(d["test_var"]),
@@ -401,21 +367,20 @@ def compare(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], margin:
     else:
         out["ci_low"] = out["ci_high"] = float("nan")
     out.update(one_sided_p(d["diff"], d["se"], d["df"], m))
-    out["mcnemar_p_per_seed"] = " ".join(f"{p:.2g}" for p in mcnemar_per_seed(ref, cand, ids))
+    out["mcnemar_p_per_seed"] = " ".join(f"{p:.2g}" for p in mcnemar_per_seed(ref, cand))
     out.update(plan(d, m, alpha))
-    out["_difference"] = d
     return out
 
 
-def mcnemar_per_seed(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], ids: list) -> list[float]:
+def mcnemar_per_seed(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame]) -> list[float]:
     """McNemar's exact test (binomial on the discordant examples) for each common seed, else each pair in sorted
-    order — descriptive only: pooling seeds would treat correlated pairs as independent."""
+    order, of frames aligned by :func:`on_ids` — descriptive only: pooling seeds would treat correlated pairs as
+    independent."""
     common = sorted(set(ref) & set(cand), key=str)
     pairs = [(s, s) for s in common] or list(zip(sorted(ref, key=str), sorted(cand, key=str)))
     out = []
     for a, b in pairs:
-        r = ref[a].drop_duplicates("id").set_index("id").loc[ids]
-        c = cand[b].drop_duplicates("id").set_index("id").loc[ids]
+        r, c = ref[a], cand[b]
         r_ok, c_ok = (r["pred"] == r["label"]).to_numpy(), (c["pred"] == c["label"]).to_numpy()
         lo, hi = int((r_ok & ~c_ok).sum()), int((~r_ok & c_ok).sum())
         out.append(float(stats.binomtest(hi, lo + hi, 0.5).pvalue) if lo + hi else 1.0)
@@ -474,6 +439,4 @@ def signed(x: float) -> str:
 def judge(ref: dict[Any, pd.DataFrame], cand: dict[Any, pd.DataFrame], margin: float = 1.0,
           metric: str = "accuracy", num_labels: int | None = None, alpha: float = ALPHA) -> dict[str, Any]:
     """:func:`compare` and :func:`decide_all` for a single candidate (no other arms to adjust for)."""
-    row = compare(ref, cand, margin, metric, num_labels, alpha)
-    row.pop("_difference", None)
-    return decide_all([row], alpha)[0]
+    return decide_all([compare(ref, cand, margin, metric, num_labels, alpha)], alpha)[0]
