@@ -181,20 +181,22 @@ def _run(study, args) -> int:
 
         out = write_report(store, run_ids=run_ids, study=study, sequential=record)
         print(f"report: {Path(out).resolve() / 'report.md'}")
-        _print_verdicts(store, run_ids, study, record)
+        _print_verdicts(Path(out))
     if failed:
         print(f"{len(failed)} runs failed: see 'peftbench ls {store}'", file=sys.stderr)
         return 1
     return 0
 
 
-def _print_verdicts(store, run_ids, study, record) -> None:
-    """The verdict lines of the report, and what would decide the undecided ones."""
-    from peftbench.report import study_analysis
+def _print_verdicts(report_dir: Path) -> None:
+    """The verdict lines of the report just written (read back from its results.json, not recomputed), and what
+    would decide the undecided ones."""
+    import pandas as pd
+
     from peftbench.report.document import plan_display, verdict_line
     from peftbench.report.verdict import UNDECIDED
 
-    v = study_analysis(store, run_ids, study, record)["verdicts"]
+    v = pd.DataFrame(json.loads((report_dir / "results.json").read_text(encoding="utf-8"))["verdicts"])
     if not len(v):
         return
     print("\nverdicts:")

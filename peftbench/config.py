@@ -469,11 +469,11 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     study = Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
                   arms=arms, report=report, description=description)
     if "reference" in raw_report:
-        _check_reference(f"{where}: report.reference", study)
+        check_reference(f"{where}: report.reference", study)
     return study
 
 
-def _check_reference(where: str, study: Study) -> None:
+def check_reference(where: str, study: Study) -> None:
     """An explicit ``report.reference`` must name an arm: one of its labels, or a method of some arm (the rule of
     ``peftbench.report.tables.find_reference``)."""
     reference = study.report["reference"]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from peftbench.config import ConfigError, RunConfig, Study, expand_runs
+from peftbench.config import ConfigError, RunConfig, Study, check_reference, expand_runs
 from peftbench.report import sequential_key, study_analysis, verdict
 from peftbench.store import Store
 
@@ -44,14 +44,8 @@ def check(study: Study, max_seeds: int | None, seed_step: int) -> int:
                           f"seeds per arm), got {budget}")
     if seed_step < 1:
         raise ConfigError(f"--seed-step: expected an integer >= 1, got {seed_step}")
-    reference = (study.report or {}).get("reference", "full")
-    runs = expand_runs(study)
-    if not any(r.arm == reference or r.method == reference for r in runs):
-        raise ConfigError(f"{study.path or 'study'}: report.reference: --until-decided needs a reference arm, but no "
-                          f"arm is labelled or of method {reference!r} (arms: "
-                          f"{', '.join(sorted({r.arm for r in runs}))})")
-    if not float((study.report or {}).get("margin", 1.0)) > 0:
-        raise ConfigError(f"{study.path or 'study'}: report.margin: --until-decided needs a margin > 0 points")
+    # the default reference ("full") is not checked when the study loads: a study without it may still be reported
+    check_reference(f"{study.path or 'study'}: report.reference (--until-decided needs a reference arm)", study)
     return budget
 
 
