@@ -353,10 +353,7 @@ def test_report_is_swapped_in_whole_or_not_at_all(tmp_path, capsys, monkeypatch)
 
 
 def test_failed_llm_run_records_what_it_spent(tmp_path, tiny_bert, small_data, monkeypatch):
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from tests.test_baselines import FakeChat
+    from tests.test_baselines import FakeChat, serving
 
     class FailsAfterOne(FakeChat):
         def handle(self, handler):
@@ -365,26 +362,11 @@ def test_failed_llm_run_records_what_it_spent(tmp_path, tiny_bert, small_data, m
                 return self.reply(handler, 500, {"error": "down"})
             return super().handle(handler)
 
-    fake = FailsAfterOne()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            fake.handle(self)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    with serving(FailsAfterOne()) as url:
         arms = (f'[[arms]]\nmethod = "llm"\nmodel = "fake"\nbase_url = "{url}"\nbatch_size = 4\nmax_concurrency = 1\n'
                 'max_retries = 0\nmax_test = 12\nprice_per_1k_input = 1.0\n')
         study = write_study(tmp_path / "s.toml", tiny_bert, small_data, arms)
         assert main(["run", str(study), "--store", str(tmp_path / "st"), "--no-report"]) == 1
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     (run_id,) = Store(tmp_path / "st").run_ids()
     result = json.loads((tmp_path / "st" / run_id / "result.json").read_text())
     assert result["status"] == "failed" and "HTTP 500" in result["error"]

@@ -4,6 +4,7 @@ timeout, an unknown label)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -86,10 +87,9 @@ class FakeChat:
             pass
 
 
-@pytest.fixture
-def server():
-    fake = FakeChat()
-
+@contextlib.contextmanager
+def serving(fake: "FakeChat"):
+    """``fake`` answering chat completions on a loopback port; yields its base URL, shuts the server down after."""
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             fake.handle(self)
@@ -101,10 +101,19 @@ def server():
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    fake.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    fake = FakeChat()
+    with serving(fake) as url:
+        fake.base_url = url
+        yield fake
 
 
 def make_splits(test_texts: list[str], test_labels: list[int]) -> Splits:
