@@ -29,7 +29,7 @@ from peftbench import methods, progress
 from peftbench.config import RunConfig, Study, expand_runs
 from peftbench.environment import environment_base, pick_device
 from peftbench.runner import execute_run, get_splits
-from peftbench.store import HEARTBEAT_S, HOST, Store, write_json
+from peftbench.store import HEARTBEAT_S, HOST, Store
 
 
 @dataclass
@@ -192,13 +192,8 @@ def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: 
         if not ours:
             return None
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        result = {"run_id": run.run_id, "status": "failed", "error": error, "config": run.to_dict(),
-                  "environment": {**environment_base(), "device": None}, "timing": {"started": None, "finished": now}}
-        tmp = store.begin(run.run_id)
-        write_json(tmp / "config.json", run.to_dict())
-        write_json(tmp / "result.json", result)
-        store.commit(run.run_id, tmp)
-        return result
+        return store.writer(run.run_id, run.to_dict()).fail(
+            error, environment={**environment_base(), "device": None}, timing={"started": None, "finished": now})
 
 
 def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen: Any,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +34,7 @@ from peftbench.environment import PeakMemory, environment_base, pick_device, see
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
                               model_fingerprint, portable_model_id, resolve_model)
-from peftbench.store import Store, write_json
+from peftbench.store import RunWriter, Store
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -131,12 +130,7 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     """Train and evaluate one run into the store. Failures are recorded in the run's result, never raised
     (KeyboardInterrupt excepted: the half-built run is then simply discarded)."""
     run_id = run.run_id
-    tmp = store.begin(run_id)
-    try:
-        write_json(tmp / "config.json", run.to_dict())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    writer = store.writer(run_id, run.to_dict())
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {"run_id": run_id, "status": "failed", "error": None, "config": run.to_dict()}
     env = {**environment_base(), "device": str(device)}
@@ -144,16 +138,16 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     try:
         with PeakMemory(device) as mem:
             if methods.is_baseline(run.method):
-                body = _run_baseline(run, store, tmp, env)
+                body = _run_baseline(run, store, writer, env)
             else:
-                body = _train_and_evaluate(run, store, device, tmp, env, position)
+                body = _train_and_evaluate(run, store, device, writer, env, position)
         result.update(body)
         result["costs"]["peak_memory_mb"] = mem.peak / 2**20
         result["costs"]["peak_memory_kind"] = mem.kind
         result["status"] = "success"
     except OSError as e:
         if e.errno in STORAGE_ERRNOS:  # the store cannot be written: every later run would fail too
-            shutil.rmtree(tmp, ignore_errors=True)
+            writer.discard()
             raise
         result["error"] = _one_line(e)
     except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - OOM named for the reader
@@ -161,12 +155,7 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
         if getattr(e, "costs", None):  # spent before failing (an llm arm's tokens)
             result["costs"] = e.costs
     result["timing"] = {"started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
-        write_json(tmp / "result.json", result)
-        store.commit(run_id, tmp)
-    except BaseException:  # e.g. disk full: the half-built folder goes, the run stays to do
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    writer.commit(result)  # e.g. disk full: the half-built folder goes, the run stays to do
     return result
 
 
@@ -174,7 +163,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
-def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out: Path, env: dict,
+def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writer: RunWriter, env: dict,
                         position: int) -> dict[str, Any]:
     splits = get_splits(run.dataset)
     tokenizer = load_tokenizer(run.model)
@@ -252,17 +241,14 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
                 progress.say(f"epoch  {run.label}: {row['epoch']}/{settings.epochs}, val acc "
                              f"{row['val_accuracy']:.4f}, {row['examples_per_s']:.0f} ex/s"
                              + (f"; run ETA {left}" if left else ""))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            writer.append_epoch(row)
 
         history, best_epoch, train_time = train(
             model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, device, set_train_mode,
             on_epoch, optimizer=optimizer, after_step=methods.step_hook(run.method, model, run.method_params))
         bar.close()
-    else:
-        (out / "metrics.jsonl").touch()
-    adapter_size = methods.save_weights(run.method, model, out, base_model=portable_model_id(run.model))
-    _write_spectrum(out, model, pretrained)
+    adapter_size = methods.save_weights(run.method, model, writer.weights_dir, base_model=portable_model_id(run.model))
+    _write_spectrum(writer, model, pretrained)
     if cfg.get("merge_for_eval", True) and methods.METHODS[run.method].trains:
         p.model = methods.merge_for_inference(run.method, model)  # saved already: predict at the plain model's cost
         speed["merged_for_eval"] = p.model is not model
@@ -271,8 +257,8 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, out:
     val_metrics, _ = evaluate("validation")
     test_metrics, test_probs = evaluate("test")
     eval_time = time.perf_counter() - start
-    write_predictions(out, splits.test, np.arange(len(splits.test)), test_probs.argmax(1).numpy(),
-                      test_probs.numpy())
+    writer.write_predictions(predictions_frame(splits.test, np.arange(len(splits.test)),
+                                               test_probs.argmax(1).numpy(), test_probs.numpy()))
     examples_trained = n_train * len(history)
     if history:
         train_time += cache_time
@@ -305,7 +291,7 @@ def _snapshot_for_spectrum(run: RunConfig, backbone) -> dict[str, Any] | None:
         return None
 
 
-def _write_spectrum(out: Path, model: torch.nn.Module, pretrained: dict | None) -> None:
+def _write_spectrum(writer: RunWriter, model: torch.nn.Module, pretrained: dict | None) -> None:
     """``spectrum.json``: singular values of each target matrix's learned update. An analysis, not a result: a
     failure here is reported and the run goes on."""
     if not pretrained:
@@ -313,7 +299,8 @@ def _write_spectrum(out: Path, model: torch.nn.Module, pretrained: dict | None) 
     from peftbench import spectrum
 
     try:
-        spectrum.write_spectrum(out, spectrum.layer_spectra(model, pretrained["weights"], pretrained["targets"]))
+        writer.write_spectrum(spectrum.record(spectrum.layer_spectra(model, pretrained["weights"],
+                                                                     pretrained["targets"])))
     except Exception as e:  # noqa: BLE001
         progress.say(f"spectrum analysis skipped: {type(e).__name__}: {e}")
 
@@ -330,17 +317,16 @@ def word_counts(texts: pd.Series) -> np.ndarray:
     return texts.str.split().str.len().to_numpy()
 
 
-def write_predictions(out: Path, test: pd.DataFrame, ids: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> None:
-    """``predictions.parquet``: one row per test example (``length`` in words, the same for every method; a sentence
-    pair's ``text_pair`` column beside ``text``, and ``length`` the words of both)."""
+def predictions_frame(test: pd.DataFrame, ids: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """What ``predictions.parquet`` holds: one row per test example (``length`` in words, the same for every
+    method; a sentence pair's ``text_pair`` column beside ``text``, and ``length`` the words of both)."""
     pair = {"text_pair": test["text_pair"].to_numpy()} if "text_pair" in test.columns else {}
     length = word_counts(test["text"]) + (word_counts(test["text_pair"]) if pair else 0)
-    pd.DataFrame({"id": ids, "text": test["text"].to_numpy(), **pair, "label": test["label"].to_numpy(),
-                  "pred": preds, "probs": list(np.asarray(probs, dtype=np.float32)), "length": length}
-                 ).to_parquet(out / "predictions.parquet", index=False)
+    return pd.DataFrame({"id": ids, "text": test["text"].to_numpy(), **pair, "label": test["label"].to_numpy(),
+                         "pred": preds, "probs": list(np.asarray(probs, dtype=np.float32)), "length": length})
 
 
-def _run_baseline(run: RunConfig, store: Store, out: Path, env: dict) -> dict[str, Any]:
+def _run_baseline(run: RunConfig, store: Store, writer: RunWriter, env: dict) -> dict[str, Any]:
     """TF-IDF or LLM: no encoder to fine-tune, same splits, metrics and files as every other run."""
     splits = get_splits(run.dataset)
     env["dataset_fingerprint"] = splits.fingerprint
@@ -351,8 +337,7 @@ def _run_baseline(run: RunConfig, store: Store, out: Path, env: dict) -> dict[st
     val = None if res.val_preds is None else compute_metrics_from_preds(
         splits.validation["label"].to_numpy(), res.val_preds, n_labels, res.val_probs)
     probs = res.probs if res.probs is not None else np.full((len(ids), n_labels), np.nan)
-    write_predictions(out, test, ids, res.preds, probs)
-    (out / "metrics.jsonl").touch()
+    writer.write_predictions(predictions_frame(test, ids, res.preds, probs))
     test_metrics = compute_metrics_from_preds(test["label"].to_numpy(), res.preds, n_labels, res.probs)
     return {"labels": splits.labels, "dataset_info": splits.info,
             "metrics": {"validation": val, "test": test_metrics, "best_epoch": None, "epochs_run": 0},

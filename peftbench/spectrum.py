@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from peftbench.models import encoder_linear_paths, matches_target
+from peftbench.store import SPECTRUM
 
 ENERGY = 0.9  # share of the squared spectrum the effective rank must hold
 TOP = 64  # singular values stored per matrix
@@ -156,18 +157,15 @@ def layer_spectra(model: nn.Module, pretrained: dict[str, torch.Tensor], targets
     return rows
 
 
-def write_spectrum(run_dir: Path, rows: list[dict[str, Any]], energy: float = ENERGY, top: int = TOP,
-                   intruder_k: int = INTRUDER_K, epsilons: tuple[float, ...] = INTRUDER_EPSILONS) -> Path:
-    """``spectrum.json`` in ``run_dir``."""
-    path = Path(run_dir) / "spectrum.json"
-    path.write_text(json.dumps({"energy": energy, "top": top, "intruder_k": intruder_k,
-                                "intruder_epsilons": list(epsilons), "rows": rows}))
-    return path
+def record(rows: list[dict[str, Any]], energy: float = ENERGY, top: int = TOP, intruder_k: int = INTRUDER_K,
+           epsilons: tuple[float, ...] = INTRUDER_EPSILONS) -> dict[str, Any]:
+    """What ``spectrum.json`` holds (the store writes it: :meth:`peftbench.store.RunWriter.write_spectrum`)."""
+    return {"energy": energy, "top": top, "intruder_k": intruder_k, "intruder_epsilons": list(epsilons), "rows": rows}
 
 
 def read_spectrum(run_dir: str | Path) -> list[dict[str, Any]] | None:
     """The rows of a run's ``spectrum.json``, or None when it has none."""
-    path = Path(run_dir) / "spectrum.json"
+    path = Path(run_dir) / SPECTRUM
     if not path.is_file():
         return None
     return json.loads(path.read_text())["rows"]

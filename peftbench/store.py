@@ -1,7 +1,9 @@
 """The run store: one folder per run, named by the run id, written atomically; results as a DataFrame.
 
 A run is built in ``STORE/.tmp/<run_id>-<pid>@<host>/`` and renamed to ``STORE/<run_id>/`` when it is complete, so a
-crash (Ctrl-C, kill -9) never leaves a half-written run behind and a finished run is never redone.
+crash (Ctrl-C, kill -9) never leaves a half-written run behind and a finished run is never redone. This module is the
+only writer of run folders: a run is written through a :class:`RunWriter` (``store.writer(run_id, config)``), whose
+methods name every file a run folder holds (``tests/test_writer.py`` checks that no other module writes one).
 
 Several runners (local or Ray workers, on one machine or on several sharing the store folder) may work on one store:
 a runner first takes the run's claim file ``STORE/.claims/<run_id>`` (created with ``O_CREAT|O_EXCL``, so exactly one
@@ -17,10 +19,14 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
 import socket
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +35,10 @@ from typing import Any, Iterable
 import pandas as pd
 
 RESULT = "result.json"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+PREDICTIONS = "predictions.parquet"
+SPECTRUM = "spectrum.json"
 CLAIMS = ".claims"
 SEQUENTIAL = ".sequential"
 HEARTBEAT_S = 30.0  # how often a running run touches its claim
@@ -36,11 +46,11 @@ CLAIM_TIMEOUT_S = 300.0  # a claim untouched for this long is stale, whatever ho
 HOST = socket.gethostname()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder + rename)."""
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write JSON atomically (temp file in the same folder + rename); ``indent`` None: one line, no newline."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent, default=_jsonable) + ("\n" if indent is not None else ""))
     os.replace(tmp, path)
 
 
@@ -99,6 +109,10 @@ class Store:
         result = read_result(self.run_dir(run_id))
         return result.get("status") if result else None
 
+    def writer(self, run_id: str, config: dict[str, Any]) -> "RunWriter":
+        """A :class:`RunWriter` for a new attempt at the run: its private folder, with ``config.json`` written."""
+        return RunWriter(self, run_id, config)
+
     def begin(self, run_id: str) -> Path:
         """A fresh private folder to build the run in (named by pid and host: the store may be shared by hosts)."""
         tmp = self.root / ".tmp" / f"{run_id}-{os.getpid()}@{HOST}"
@@ -115,10 +129,7 @@ class Store:
             if self.status(run_id) == "success":
                 shutil.rmtree(tmp)
                 return final
-            trash = self.root / ".tmp" / f"{run_id}-replaced-{os.getpid()}@{HOST}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+            replace_folder(tmp, final, self.root / ".tmp" / f"{run_id}-replaced-{os.getpid()}@{HOST}")
             return final
         os.replace(tmp, final)
         return final
@@ -285,6 +296,161 @@ class Store:
                 result["path"] = str(self.run_dir(run_id))
                 out.append(result)
         return out
+
+
+class RunWriter:
+    """The only writer of a run folder. Every file a run holds is written by one of its methods into the run's private
+    folder under ``STORE/.tmp/``, which :meth:`commit` moves into place whole (``result.json`` written last). No
+    reader sees that folder before then, so its files need no atomic writes of their own. A writer that is never
+    committed leaves its folder to :meth:`discard` or, after a crash, to :meth:`Store.clean_stale`.
+
+    The files: ``config.json`` (on creation), ``metrics.jsonl`` (:meth:`append_epoch`; created empty at commit for a
+    successful run that trained no epoch), ``predictions.parquet`` (:meth:`write_predictions`), ``spectrum.json``
+    (:meth:`write_spectrum`), the weights (``adapter/`` or ``model.safetensors``, saved by
+    :func:`peftbench.methods.save_weights` into :attr:`weights_dir` with peft's or safetensors' own savers) and
+    ``result.json`` (:meth:`commit`, or :meth:`fail`).
+
+        >>> writer = Store("runs").writer(run.run_id, run.to_dict())                    # doctest: +SKIP
+        >>> writer.append_epoch({"epoch": 1, "val_accuracy": 0.8})                    # doctest: +SKIP
+        >>> writer.commit({"run_id": run.run_id, "status": "success", ...})           # doctest: +SKIP
+    """
+
+    def __init__(self, store: Store, run_id: str, config: dict[str, Any]):
+        self.store, self.run_id, self.config = store, run_id, config
+        self.dir = store.begin(run_id)
+        try:
+            write_json(self.dir / CONFIG, config)
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where the method saves its weights: the run's folder itself (``adapter/``, ``model.safetensors``)."""
+        return self.dir
+
+    def append_epoch(self, row: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl``: an epoch's row, as the training loop reports it."""
+        with open(self.dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_predictions(self, frame: pd.DataFrame) -> None:
+        """``predictions.parquet``: one row per test example (columns: docs/design.md, the store section)."""
+        missing = {"id", "text", "label", "pred", "probs", "length"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"{PREDICTIONS}: columns {sorted(missing)} missing")
+        frame.to_parquet(self.dir / PREDICTIONS, index=False)
+
+    def write_spectrum(self, record: dict[str, Any]) -> None:
+        """``spectrum.json`` (its fields: :mod:`peftbench.spectrum`)."""
+        write_json(self.dir / SPECTRUM, record, indent=None)
+
+    def commit(self, result: dict[str, Any]) -> Path:
+        """Write ``result.json`` (a success or a failure) and move the folder into place (:meth:`Store.commit`); the
+        run's folder. Any error on the way (a full disk) discards the folder and is raised: the run stays to do."""
+        try:
+            if result.get("status") == "success":
+                (self.dir / METRICS).touch()  # a successful run always has its (maybe empty) metrics.jsonl
+            write_json(self.dir / RESULT, result)
+            return self.store.commit(self.run_id, self.dir)
+        except BaseException:
+            self.discard()
+            raise
+
+    def fail(self, error: str, **fields: Any) -> dict[str, Any]:
+        """Commit the run as failed with ``error`` (one line) and ``fields`` (``environment``, ``timing``, ...);
+        returns the result written."""
+        result = {"run_id": self.run_id, "status": "failed", "error": error, "config": self.config, **fields}
+        self.commit(result)
+        return result
+
+    def discard(self) -> None:
+        """Remove the half-built folder (nothing of the run is stored)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Replacing a folder whole (a run folder replacing a failed one; a report replacing the previous report)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fresh_sibling(out: Path) -> Path:
+    """A new empty folder beside ``out`` (same filesystem, so :func:`swap_in` is a rename), named ``.NAME.new-PID``,
+    after tidying what writers that died left there: a ``.NAME.old-PID`` when ``out`` itself is missing (a writer
+    killed between the two renames of :func:`swap_in`) goes back to ``out``; every other leftover is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for left in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = left.name[len(out.name) + 2:].partition("-")
+        if not (left.is_dir() and pid.isdigit() and not _alive(int(pid))):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(left, out)
+        else:
+            shutil.rmtree(left, ignore_errors=True)
+    new = out.parent / f".{out.name}.new-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    return new
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` (from :func:`fresh_sibling`) at ``out``, replacing the folder there."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    replace_folder(new, out, out.parent / f".{out.name}.old-{os.getpid()}")
+
+
+def replace_folder(new: Path, target: Path, aside: Path) -> None:
+    """Replace the folder ``target`` by the folder ``new`` and delete the old one.
+
+    Where the system can (Linux ``renameat2`` with ``RENAME_EXCHANGE``) the two folders trade places in one atomic
+    step: a reader, or a kill at any moment, sees the old folder whole or the new one whole. Elsewhere (other systems,
+    filesystems without that call) the old folder is renamed to ``aside`` first, then ``new`` to ``target``: a kill
+    between the two renames leaves no ``target`` but the old folder whole at ``aside`` (:func:`fresh_sibling` puts it
+    back); any other error puts it back at once."""
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # the old folder, now
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False, changing nothing, where the system or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # the filesystem has no exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's ``renameat2`` (Linux 3.15+, glibc 2.28+), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _age(path: Path) -> float:

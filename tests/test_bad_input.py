@@ -300,7 +300,7 @@ def _enospc_on(name: str, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, obj)
 
-    for module in ("peftbench.store", "peftbench.runner", "peftbench.report", "peftbench.executors"):
+    for module in ("peftbench.store", "peftbench.report"):
         monkeypatch.setattr(f"{module}.write_json", failing)
 
 

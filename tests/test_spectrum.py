@@ -12,7 +12,7 @@ from torch import nn
 from peftbench import methods, runner, spectrum
 from peftbench.cli import main
 from peftbench.models import build_classifier
-from peftbench.store import load_results
+from peftbench.store import Store, load_results
 from tests.conftest import write_study
 
 
@@ -155,8 +155,9 @@ def test_a_failing_spectrum_never_fails_the_run(tmp_path, capsys):
     broken = {"targets": ["query"], "weights": {"query": torch.zeros(3, 3)}}
     model = nn.Module()
     model.query = nn.Linear(2, 2)  # wrong shape: the subtraction raises inside the analysis
-    runner._write_spectrum(tmp_path, model, broken)
-    assert not (tmp_path / "spectrum.json").exists()
+    writer = Store(tmp_path).writer("0" * 16, {})
+    runner._write_spectrum(writer, model, broken)
+    assert not (writer.dir / "spectrum.json").exists()
     captured = capsys.readouterr()
     assert "spectrum analysis skipped" in captured.out + captured.err
 

@@ -17,7 +17,6 @@ or from the shell: ``peftbench report runs`` (a store) or ``peftbench report stu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pandas as pd
 
 from peftbench import spectrum
 from peftbench.report import document, errors, plots, render, tables, verdict
-from peftbench.store import Store, _alive, flatten, write_json
+from peftbench.store import METRICS, PREDICTIONS, Store, flatten, fresh_sibling, swap_in, write_json
 
 DEFAULT_SETTINGS = {"reference": "full", "metric": "accuracy", "selection_metric": "accuracy", "margin": 1.0}
 PAIRED_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
@@ -71,7 +70,7 @@ def load_predictions(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ``length`` (tokens). ``runs``: a :func:`peftbench.load_results` frame (or a subset of its rows)."""
     out = {}
     for _, row in runs[runs["status"] == "success"].iterrows():
-        frame = _read(row["path"], "predictions.parquet", pd.read_parquet)
+        frame = _read(row["path"], PREDICTIONS, pd.read_parquet)
         if frame is not None and {"id", "label", "pred"} <= set(frame.columns):
             out[row["run_id"]] = frame
     return out
@@ -83,7 +82,7 @@ def load_curves(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ``lr``). ``runs``: a :func:`peftbench.load_results` frame (or a subset of its rows)."""
     out = {}
     for _, row in runs[runs["status"] == "success"].iterrows():
-        frame = _read(row["path"], "metrics.jsonl", lambda p: pd.read_json(p, lines=True))
+        frame = _read(row["path"], METRICS, lambda p: pd.read_json(p, lines=True))
         if frame is not None and len(frame):
             out[row["run_id"]] = frame
     return out
@@ -357,10 +356,10 @@ def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict
     meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or "",
             "not_run": len(set(run_ids)) - len(runs) if run_ids is not None else 0}
 
-    final, out = out, _fresh_folder(out)  # built aside, then swapped in: never a report pointing at missing plots
+    final, out = out, fresh_sibling(out)  # built aside, then swapped in: never a report pointing at missing plots
     try:
         _write_files(out, analysis, figs, meta, settings, title)
-        _swap_in(out, final)
+        swap_in(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -396,33 +395,3 @@ def _check_report_folder(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
         raise ConfigError(f"{out}: not a report folder (no report.md) and not empty; choose a new or empty folder "
                           "for --out")
-
-
-def _fresh_folder(out: Path) -> Path:
-    """A new empty sibling of ``out`` (same filesystem, so the swap is a rename), after removing the leftovers of
-    report writers that died (``.NAME.new-PID``, ``.NAME.old-PID``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for left in out.parent.glob(f".{out.name}.*-*"):
-        pid = left.name.rsplit("-", 1)[-1]
-        if left.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(left, ignore_errors=True)
-    new = out.parent / f".{out.name}.new-{os.getpid()}"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir()
-    return new
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace the folder ``out`` by ``new`` with two renames (the old report stays whole until the first)."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
