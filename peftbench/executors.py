@@ -66,8 +66,7 @@ def plan_runs(study: Study, store: Store, retry_failed: bool = True,
     """Open the store (removing half-built folders of dead runners) and split the study's runs (or ``runs``, a subset
     such as the seeds ``--until-decided`` adds) into those already done (counted in the summary) and those to run
     (unique by run id)."""
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.clean_stale()
+    store.open()
     runs = expand_runs(study) if runs is None else runs
     summary = StudySummary(store=store.root, run_ids=[r.run_id for r in runs])
     todo = []

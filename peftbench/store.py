@@ -147,6 +147,11 @@ class Store:
         write_json(old / RESULT, result)
         os.replace(old, final)
 
+    def open(self) -> None:
+        """Create the store folder if needed and remove what dead runners left half-built (:meth:`clean_stale`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clean_stale()
+
     def clean_stale(self) -> None:
         """Remove half-built folders left by processes that no longer exist. A folder of another host (shared store)
         cannot be checked by pid: it goes once its run has no live claim and it is older than ``CLAIM_TIMEOUT_S``."""
