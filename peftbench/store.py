@@ -73,7 +73,8 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
 
 
 class Store:
-    """A folder of run folders. Only this class (and the report writer) touches the store on disk."""
+    """A folder of run folders. Only this module writes into it (a run through its :class:`RunWriter`), besides the
+    caches under ``.cache/`` (tokens, LLM replies) and the report writer (``report/``)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
