@@ -120,10 +120,10 @@ def test_weights_are_saved_only_into_the_writers_weights_dir():
              if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
              == "save_weights"]
     assert calls, "save_weights is called somewhere"
-    for name, call in calls:
-        folder = call.args[2] if len(call.args) > 2 else next(k.value for k in call.keywords if k.arg == "out_dir")
-        assert isinstance(folder, ast.Attribute) and folder.attr == "weights_dir", (
-            f"{name}:{call.lineno}: save_weights must write into a RunWriter's weights_dir, not {ast.unparse(folder)}")
+    for name, call in calls:  # a function or a method's plugin class: the folder is the argument that is a path
+        args = [*call.args, *(k.value for k in call.keywords)]
+        assert any(isinstance(a, ast.Attribute) and a.attr == "weights_dir" for a in args), (
+            f"{name}:{call.lineno}: save_weights must write into a RunWriter's weights_dir: {ast.unparse(call)}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
