@@ -336,7 +336,7 @@ def test_report_files(report, analysis):
     names = {p.name for p in report.iterdir()}
     assert {"report.md", "report.html", "results.json", "results.csv", "table.tex", "runs.csv"} <= names
     assert {"metric_vs_rank.png", "metric_vs_params.png", "training_curves.png", "confusion_matrix.png",
-            "train_time.png"} <= {p.name for p in (report / "plots").iterdir()}
+            "train_time.png", "reliability.png"} <= {p.name for p in (report / "plots").iterdir()}
     md = (report / "report.md").read_text()
     for arm in ARMS:
         assert f"| {arm} |" in md
@@ -384,7 +384,8 @@ def test_only_failed_runs_does_not_crash(tmp_path):
 def test_html_is_self_contained_and_has_the_tables(report):
     page = (report / "report.html").read_text()
     assert page.count('<table class="sortable">') >= 5
-    assert page.count('src="data:image/png;base64,') == 6  # + the tuning curves (lora r=4 tried 2 settings)
+    # + the tuning curves (lora r=4 tried 2 settings) and the reliability diagram
+    assert page.count('src="data:image/png;base64,') == 7
     assert "http://" not in page and "https://" not in page  # opens with no network
     for arm in ARMS:
         assert f"<td>{arm}</td>" in page
