@@ -9,7 +9,7 @@ Example::
     >>> from peftbench.report import write_report
     >>> out = write_report("runs")          # doctest: +SKIP
     >>> sorted(p.name for p in out.iterdir())  # doctest: +SKIP
-    ['plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
+    ['per_class.csv', 'plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
 
 or from the shell: ``peftbench report runs`` (a store) or ``peftbench report studies/demo.toml`` (a study's runs).
 """
@@ -358,7 +358,8 @@ def study_analysis(store, run_ids=None, study=None, sequential: dict[str, Any] |
 
 def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict[str, Any] | None = None) -> Path:
     """Write the report of a store (all its runs, or ``run_ids``) into ``out_dir`` (default ``STORE/report``) and
-    return that folder: report.md, report.html, results.csv, results.json, runs.csv, table.md, table.tex, plots/.
+    return that folder: report.md, report.html (the other files embedded), results.csv, results.json, runs.csv,
+    per_class.csv, table.md, table.tex, plots/.
 
     ``study`` (a :class:`peftbench.config.Study`) supplies the title and its [report] settings: reference arm,
     headline metric, selection metric and non-inferiority margin; ``sequential`` the record of an

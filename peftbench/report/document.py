@@ -171,8 +171,8 @@ def study_question(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         return meta["question"]
     s = analysis["settings"]
     table = analysis["table"]
-    shares = [f"{a} ({_pct(p)})" for a, p in zip(table["arm"], table["params_trainable_pct"])
-              if a != s["reference"] and not missing(p)] if len(table) else []
+    shares = list(dict.fromkeys(f"{a} ({_pct(p)})" for a, p in zip(table["arm"], table["params_trainable_pct"])
+                                if a != s["reference"] and not missing(p))) if len(table) else []
     arms = ", ".join(shares) if shares else "each arm"
     return (f"Study question: does {arms} match `{s['reference']}` within {float(s['margin']):g} point(s) of test "
             f"{s['metric']}? (Percentages: trainable parameters / all parameters of the trained model.)")
@@ -561,7 +561,8 @@ def _calibration_blocks(groups: list[dict[str, Any]], several: bool) -> list[tup
             "Arm": c["arm"], "ECE (pts, seeds pooled)": [pts(x) for x in c["ece"]],
             "ECE per seed (pts)": [pts(m) + ("" if missing(sd) else f" ± {pts(sd)}")
                                    for m, sd in zip(c["ece_seed_mean"], c["ece_seed_std"])],
-            "Mean confidence (pts)": [pts(x) for x in c["confidence"]], "Accuracy (pts)": [pts(x) for x in c["accuracy"]],
+            "Mean confidence (pts)": [pts(x) for x in c["confidence"]],
+            "Accuracy (pts)": [pts(x) for x in c["accuracy"]],
             "Predictions": [count(x) for x in c["n"]], "Seeds": c["seeds"].astype(str)})))
     out.append(("p", "Expected calibration error of the top-label confidence (the largest class probability): the "
                      "test predictions are cut into 15 equal-width confidence bins and ECE = Σ (bin share) · "
@@ -594,8 +595,8 @@ def _out_of_scope_blocks(groups: list[dict[str, Any]], label: str | None, severa
             "In-scope / out-of-scope test examples": [f"{count(a)} / {count(b)}"
                                                       for a, b in zip(t["n_in_scope"], t["n_oos"])]})))
     out.append(("p", f"As in Larson et al. 2019 (CLINC150, 'An evaluation dataset for intent classification and "
-                     f"out-of-scope prediction'): in-scope accuracy = accuracy on the test examples whose gold class is "
-                     f"not `{label}` (predicting `{label}` for one is wrong); out-of-scope recall = share of the "
+                     f"out-of-scope prediction'): in-scope accuracy = accuracy on the test examples whose gold class "
+                     f"is not `{label}` (predicting `{label}` for one is wrong); out-of-scope recall = share of the "
                      f"`{label}` test examples predicted `{label}`. Mean ± std over seeds."))
     return out
 

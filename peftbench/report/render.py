@@ -297,7 +297,8 @@ def html_table(frame: pd.DataFrame) -> str:
                    for c, k in zip(frame.columns, keys))
     rows = "".join("<tr>" + "".join(_td(v, k) for v, k in zip(row, keys)) + "</tr>"
                    for row in frame.itertuples(index=False))
-    return f'<div class="wide"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+    table = f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    return f'<div class="wide">{table}</div>'
 
 
 def html_page(blocks: list[tuple], title: str, files: dict[str, bytes] | None = None) -> str:
