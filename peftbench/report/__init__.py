@@ -306,8 +306,8 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
         suffix = f"-{i + 1}" if several else ""
         made = [("metric_vs_rank", plots.metric_vs_rank(g["table"], metric), f"test {metric} vs LoRA rank"),
                 ("metric_vs_params", plots.metric_vs_params(g["table"], metric),
-                 f"test {metric} vs trainable parameters of the fine-tuned encoders, Pareto frontier ringed; "
-                 "baselines without an encoder (TF-IDF, LSTM, LLM, majority, untrained head) as horizontal lines"),
+                 f"test {metric} vs trainable parameters, Pareto frontier ringed; baselines without a fine-tuned "
+                 "encoder as horizontal lines"),
                 ("training_curves", plots.training_curves(g["curves"]), "training curves per arm (mean over seeds)"),
                 ("confusion_matrix", None if g["confusion"] is None or len(g["confusion"]) > errors.MANY_CLASSES
                  else plots.confusion_matrix(

@@ -111,8 +111,8 @@ def metric_vs_params(table: pd.DataFrame, metric: str = "accuracy") -> Figure | 
         ax.errorbar([row["params_trainable"]], [_pts(row[metric])], yerr=[_pts(sd) if pd.notna(sd) else 0.0],
                     fmt=markers[i % len(markers)], capsize=3, color=f"C{i % 10}", label=str(row["arm"]))
     front = plotted.loc[pareto_front(plotted, "params_trainable", metric)]
-    ax.step(front["params_trainable"], _pts(front[metric]), where="post", color="tab:orange", alpha=0.7)
-    ax.scatter(front["params_trainable"], _pts(front[metric]), s=160, facecolors="none", edgecolors="tab:orange",
+    ax.step(front["params_trainable"], _pts(front[metric]), where="post", color="0.2", alpha=0.6)
+    ax.scatter(front["params_trainable"], _pts(front[metric]), s=160, facecolors="none", edgecolors="0.2",
                label="Pareto frontier")
     styles = [":", "-.", "--", (0, (1, 3))]
     for j, (_, row) in enumerate(table[has_score & off].iterrows()):

@@ -201,6 +201,8 @@ table { border-collapse: collapse; font-size: 0.85em; max-width: 100%; }
 th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; white-space: normal;
          overflow-wrap: break-word; }
 td.long { min-width: 24em; }
+td { white-space: nowrap; }
+td.wrap, td.long, td.key { white-space: normal; }
 th { background: #f6f8fa; cursor: pointer; }
 th.key, td.key { position: sticky; right: 0; background: #fff8c5; font-weight: 600; box-shadow: -2px 0 3px #0002; }
 th.asc::after { content: " ▲"; } th.desc::after { content: " ▼"; }
@@ -214,6 +216,7 @@ code { background: #f6f8fa; padding: 0 3px; border-radius: 3px; }
   table { font-size: 6.5pt; width: 100%; }
   th, td { padding: 1px 3px; overflow-wrap: anywhere; }
   td.long { min-width: 0; }
+  td { white-space: normal; }
   th.key, td.key { position: static; box-shadow: none; }
   th { cursor: auto; } th.asc::after, th.desc::after { content: ""; }
   tr, img { break-inside: avoid; }
@@ -281,7 +284,7 @@ def inline_html(text: str, files: dict[str, bytes] | None = None) -> str:
 
 def _td(value: Any, key: bool = False) -> str:
     text = NA if missing(value) else str(value)
-    cls = "key" if key else "long" if len(text) > 40 else ""
+    cls = "key" if key else "long" if len(text) > 40 else "wrap" if len(text) > 12 else ""
     return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
 
 
@@ -290,8 +293,9 @@ KEY_COLUMNS = ("Verdict",)
 
 
 def html_table(frame: pd.DataFrame) -> str:
-    """A sortable table (click a header) in a horizontally scrolling box; cells wrap, long ones (texts, reasons) get
-    a minimum width on screen; a :data:`KEY_COLUMNS` column stays in view."""
+    """A sortable table (click a header) in a horizontally scrolling box; headers and cells of more than 12
+    characters wrap (on paper every cell may), long ones (texts, reasons) get a minimum width on screen; a
+    :data:`KEY_COLUMNS` column stays in view."""
     keys = [str(c) in KEY_COLUMNS for c in frame.columns]
     head = "".join(f'<th class="key">{html.escape(str(c))}</th>' if k else f"<th>{html.escape(str(c))}</th>"
                    for c, k in zip(frame.columns, keys))
