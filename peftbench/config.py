@@ -116,6 +116,8 @@ REPORT_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "metric": (str, "accuracy", "headline test metric of tables and verdicts"),
     "selection_metric": (str, "accuracy", "validation metric that picks the nuisance setting per arm"),
     "margin": (float, 1.0, "non-inferiority margin in points of the headline metric"),
+    "out_of_scope_label": ("str?", None, "the out-of-scope class (e.g. 'oos'): the report adds in-scope accuracy and "
+                                         "out-of-scope recall per arm (Larson et al. 2019)"),
 }
 
 # The test metrics every run stores (evaluate.compute_metrics), in the report's column order.

@@ -314,7 +314,7 @@ def spectrum_figure(rows_by_arm: dict[str, list[dict[str, Any]]], energy: float 
             layers = sorted(by_layer)
             axes[2].plot(layers, [np.mean(by_layer[layer]) for layer in layers], style, marker="o", color=colour,
                          label=label)
-    axes[0].set(yscale="log", xscale="log", xlabel="k", ylabel="σ_k / σ₁", ylim=(1e-4, 1.5),
+    axes[0].set(yscale="log", xscale="log", xlabel="k", ylabel=r"$\sigma_k / \sigma_1$", ylim=(1e-4, 1.5),
                 title="(a) spectrum of the update ΔW (mean over layers)")
     axes[1].axhline(energy, color="grey", lw=0.8, ls="--")
     axes[1].set(xscale="log", xlabel="k", ylabel="share of ‖ΔW‖²_F in the top k", ylim=(0, 1.02),

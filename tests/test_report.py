@@ -6,7 +6,9 @@ stores), metrics.jsonl and predictions.parquet, so every number in the report ca
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 import zlib
@@ -54,21 +56,24 @@ def correct_mask(n: int, accuracy: float, seed: int) -> np.ndarray:
 
 def write_run(store: Path, arm: str, method: str, seed: int, lr: float, preds: pd.DataFrame | None = None,
               val_accuracy: float = 0.8, status: str = "success", error: str | None = None, r: int | None = None,
-              trainable: int | None = None, train_time: float = 10.0, with_params: bool = True) -> str:
-    """One run folder per docs/design.md; returns its run id."""
+              trainable: int | None = None, train_time: float = 10.0, with_params: bool = True,
+              labels: list[str] = LABELS, dataset: str = "toy", costs: dict | None = None) -> str:
+    """One run folder per docs/design.md; returns its run id. ``costs``: extra result.json costs (an llm's
+    ``estimated_cost_usd``)."""
     mparams = {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.1, "target_modules": ["query", "value"],
                "bias": "none"} if r else {}
-    run = RunConfig(study="toy", arm=arm, model="tiny", dataset={"name": "toy", "source": "builtin:toy"},
+    run = RunConfig(study="toy", arm=arm, model="tiny", dataset={"name": dataset, "source": f"builtin:{dataset}"},
                     method=method, method_params=mparams, train={"lr": lr, "lr_scheduler": "linear", "epochs": 2},
                     seed=seed)
     folder = store / run.run_id
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(run.to_dict()))
-    result = {"run_id": run.run_id, "status": status, "error": error, "config": run.to_dict(), "labels": LABELS}
+    result = {"run_id": run.run_id, "status": status, "error": error, "config": run.to_dict(), "labels": labels}
     if status == "success":
         metrics = {"best_epoch": 2, "epochs_run": 2}
         if preds is not None and method == "llm":  # hard predictions only, -1 = no label; probs are NaN
-            metrics["test"] = compute_metrics_from_preds(preds["label"].to_numpy(), preds["pred"].to_numpy(), 2)
+            metrics["test"] = compute_metrics_from_preds(preds["label"].to_numpy(), preds["pred"].to_numpy(),
+                                                         len(labels))
             metrics["validation"] = {}
             preds.to_parquet(folder / "predictions.parquet")
         elif preds is not None:
@@ -86,6 +91,8 @@ def write_run(store: Path, arm: str, method: str, seed: int, lr: float, preds: p
                                "train_examples_per_s": 1000 / train_time if train_time else None,
                                "peak_memory_mb": 500.0 + trainable / 1e4, "adapter_size_bytes": 4 * trainable,
                                "peak_memory_kind": "process_peak_rss"}
+        if costs:
+            result["costs"] = {**result.get("costs", {}), **costs}
         epochs = [{"epoch": e, "step": 10 * e, "train_loss": 0.7 / e, "train_accuracy": 0.6 + 0.1 * e,
                    "val_loss": 0.72 / e, "val_accuracy": val_accuracy - 0.05 * (2 - e), "val_f1_macro": 0.5,
                    "val_f1_weighted": 0.5, "epoch_time_s": 1.0, "lr": lr} for e in (1, 2)]
@@ -336,7 +343,7 @@ def test_report_files(report, analysis):
     names = {p.name for p in report.iterdir()}
     assert {"report.md", "report.html", "results.json", "results.csv", "table.tex", "runs.csv"} <= names
     assert {"metric_vs_rank.png", "metric_vs_params.png", "training_curves.png", "confusion_matrix.png",
-            "train_time.png"} <= {p.name for p in (report / "plots").iterdir()}
+            "train_time.png", "reliability.png"} <= {p.name for p in (report / "plots").iterdir()}
     md = (report / "report.md").read_text()
     for arm in ARMS:
         assert f"| {arm} |" in md
@@ -384,18 +391,51 @@ def test_only_failed_runs_does_not_crash(tmp_path):
 def test_html_is_self_contained_and_has_the_tables(report):
     page = (report / "report.html").read_text()
     assert page.count('<table class="sortable">') >= 5
-    assert page.count('src="data:image/png;base64,') == 6  # + the tuning curves (lora r=4 tried 2 settings)
+    # + the tuning curves (lora r=4 tried 2 settings) and the reliability diagram
+    assert page.count('src="data:image/png;base64,') == 7
     assert "http://" not in page and "https://" not in page  # opens with no network
     for arm in ARMS:
         assert f"<td>{arm}</td>" in page
 
 
-def test_html_renders_in_headless_chromium(report, tmp_path):
+# Measures, in the rendered page, the verdict column's header (th.key): where it is, whether it is what the browser
+# shows at its centre (not scrolled away or covered), and how many table boxes overflow their width.
+LAYOUT_PROBE = """<script>(function () {
+  var th = document.querySelector("th.key"), r = th.getBoundingClientRect();
+  var hit = document.elementFromPoint(Math.min(r.left + r.width / 2, innerWidth - 1), r.top + r.height / 2);
+  var over = Array.prototype.filter.call(document.querySelectorAll(".wide"), function (w) {
+    return w.scrollWidth > w.clientWidth + 1; }).length;
+  document.body.setAttribute("data-probe", JSON.stringify({right: r.right, width: innerWidth,
+    seen: hit === th || th.contains(hit), overflowing: over}));
+})();</script></body>"""
+
+
+def chromium_flags(tmp_path: Path) -> list[str]:
+    """Headless chromium's command line; skips (with the reason shown under ``pytest -rs``) when it is missing."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+        pytest.skip("chromium is not installed: `make browser` (Debian/Ubuntu: apt-get install chromium)")
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+
+
+def layout(flags: list[str], page: Path, width: int, print_css: bool = False) -> dict:
+    """LAYOUT_PROBE's measurements of ``page`` in a ``width``-pixel window (``print_css``: with the print style sheet
+    applied on screen, at about an A4 page's width)."""
+    text = page.read_text()
+    if print_css:
+        text = text.replace("@media print", "@media all")
+    probe = page.with_name(f"probe-{width}-{print_css}.html")
+    probe.write_text(text.replace("</body>", LAYOUT_PROBE))
+    dom = subprocess.run(flags + [f"--window-size={width},1500", "--dump-dom", probe.as_uri()], capture_output=True,
+                         text=True, timeout=60).stdout
+    found = re.search(r'data-probe="([^"]+)"', dom)
+    assert found, dom[-2000:]
+    return json.loads(html.unescape(found[1]))
+
+
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    flags = chromium_flags(tmp_path)
     url = (report / "report.html").resolve().as_uri()
     dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
     assert "Results per arm" in dom and dom.count("<table") >= 5 and "<td>lora r=16</td>" in dom
@@ -403,6 +443,16 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     subprocess.run(flags + ["--window-size=1200,2000", f"--screenshot={shot}", url], capture_output=True,
                    timeout=60)
     assert shot.is_file() and shot.stat().st_size > 10_000
+    page = tmp_path / "report.html"
+    shutil.copy(report / "report.html", page)
+    for width in (1200, 900):  # a normal and a narrow window: the verdict column is on screen, not scrolled away
+        seen = layout(flags, page, width)
+        assert seen["seen"] and seen["right"] <= seen["width"], seen
+    printed = layout(flags, page, 780, print_css=True)  # print: every table fits the page, nothing is cut
+    assert printed["seen"] and printed["right"] <= printed["width"] and printed["overflowing"] == 0, printed
+    pdf = tmp_path / "report.pdf"
+    subprocess.run(flags + ["--no-pdf-header-footer", f"--print-to-pdf={pdf}", url], capture_output=True, timeout=60)
+    assert pdf.is_file() and pdf.read_bytes()[:4] == b"%PDF"
 
 
 def test_cli_report_reruns_into_the_same_folder(store, report):

@@ -9,7 +9,7 @@ Example::
     >>> from peftbench.report import write_report
     >>> out = write_report("runs")          # doctest: +SKIP
     >>> sorted(p.name for p in out.iterdir())  # doctest: +SKIP
-    ['plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
+    ['per_class.csv', 'plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
 
 or from the shell: ``peftbench report runs`` (a store) or ``peftbench report studies/demo.toml`` (a study's runs).
 """
@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from peftbench import spectrum
-from peftbench.report import document, errors, plots, render, tables, verdict
+from peftbench.report import calibration, document, errors, plots, render, tables, verdict
 from peftbench.store import METRICS, PREDICTIONS, Store, flatten, fresh_sibling, swap_in, write_json
 
 DEFAULT_SETTINGS = {"reference": "full", "metric": "accuracy", "selection_metric": "accuracy", "margin": 1.0}
@@ -218,6 +218,8 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
         stored = selected.loc[selected["run_id"].isin(best_ids), "test_confusion_matrix"].dropna().tolist()
         out["confusion"] = sum(pd.DataFrame(m).to_numpy() for m in stored) if stored else None
 
+    out.update(class_analysis(with_preds, labels, out["confusion"], settings))
+
     # Disagreements: the reference against the best LoRA arm (else the best other arm with predictions).
     out["pair"], out["disagree_counts"], out["disagree"] = None, None, None
     if ref is not None and preds.get(ref["arm"]):
@@ -235,6 +237,16 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
             arm_curves[row["arm"]] = pd.concat(frames, ignore_index=True)
     out["curves"] = arm_curves
     return out
+
+
+def class_analysis(with_preds: dict[str, dict], labels: list[str], confusion, settings: dict[str, Any]) -> dict:
+    """Per-class metrics of every arm, the top confusions of the best arm's matrix, calibration (ECE and reliability
+    bins) and, with ``report.out_of_scope_label``, in-scope accuracy and out-of-scope recall per arm."""
+    oos = settings.get("out_of_scope_label")
+    table, bins = calibration.calibration_table(with_preds)
+    return {"per_class_arms": errors.per_class_arms(with_preds, labels), "calibration": table, "reliability": bins,
+            "top_confusions": None if confusion is None else errors.top_confusions(confusion, labels),
+            "out_of_scope": errors.out_of_scope_table(with_preds, labels, oos) if oos else None}
 
 
 def data_sections(runs: pd.DataFrame) -> list[dict[str, Any]]:
@@ -293,12 +305,16 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
         suffix = f"-{i + 1}" if several else ""
         made = [("metric_vs_rank", plots.metric_vs_rank(g["table"], metric), f"test {metric} vs LoRA rank"),
                 ("metric_vs_params", plots.metric_vs_params(g["table"], metric),
-                 f"test {metric} vs trainable parameters, Pareto frontier ringed"),
+                 f"test {metric} vs trainable parameters, Pareto frontier ringed; baselines without a fine-tuned "
+                 "encoder as horizontal lines"),
                 ("training_curves", plots.training_curves(g["curves"]), "training curves per arm (mean over seeds)"),
-                ("confusion_matrix", None if g["confusion"] is None else plots.confusion_matrix(
+                ("confusion_matrix", None if g["confusion"] is None or len(g["confusion"]) > errors.MANY_CLASSES
+                 else plots.confusion_matrix(
                     g["confusion"], g["labels"] or [str(k) for k in range(len(g["confusion"]))],
                     f"{g['best']} (seeds summed)"), f"confusion matrix of the best arm, {g['best']}"),
                 ("train_time", plots.train_time(g["table"]), "training time per arm"),
+                ("reliability", plots.reliability_diagram(g.get("reliability"), g.get("calibration")),
+                 "reliability diagram: accuracy vs confidence in 15 equal-width bins per arm, seeds pooled"),
                 ("tuning_curves", plots.tuning_curves(
                     _of_group(analysis.get("tuning"), g), analysis["settings"]["selection_metric"]),
                  "expected best validation score vs tuning trials per arm (Dodge et al. 2019)"),
@@ -309,7 +325,8 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
                  "spectrum of the learned updates ΔW per arm (chosen runs)"),
                 ("intruders", plots.intruder_curves(spectrum.intruder_curves(g.get("spectra") or {})),
                  "intruder dimensions per run vs similarity threshold ε per arm (chosen runs)")]
-        out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(fig), caption)
+        out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(plots.titled(fig, document.group_key(g))),
+                                       caption)
                                       for name, fig, caption in made if fig is not None]
     return out
 
@@ -340,7 +357,8 @@ def study_analysis(store, run_ids=None, study=None, sequential: dict[str, Any] |
 
 def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict[str, Any] | None = None) -> Path:
     """Write the report of a store (all its runs, or ``run_ids``) into ``out_dir`` (default ``STORE/report``) and
-    return that folder: report.md, report.html, results.csv, results.json, runs.csv, table.md, table.tex, plots/.
+    return that folder: report.md, report.html (the other files embedded), results.csv, results.json, runs.csv,
+    per_class.csv, table.md, table.tex, plots/.
 
     ``study`` (a :class:`peftbench.config.Study`) supplies the title and its [report] settings: reference arm,
     headline metric, selection metric and non-inferiority margin; ``sequential`` the record of an
@@ -374,16 +392,20 @@ def _write_files(out: Path, analysis: dict[str, Any], figs: dict, meta: dict[str
     for items in figs.values():
         for name, data, _ in items:
             (plot_dir / name).write_bytes(data)
-    md_blocks = document.blocks(analysis, {k: [(f"plots/{n}", d, c) for n, d, c in v] for k, v in figs.items()}, meta)
-    (out / "report.md").write_text(render.markdown(md_blocks), encoding="utf-8")
-    (out / "report.html").write_text(render.html_page(md_blocks, f"peftbench report: {title}"), encoding="utf-8")
     has_arms = len(analysis["table"]) > 0
     (out / "table.md").write_text(render.markdown_table(document.arm_display(analysis["table"], settings["metric"]))
                                   + "\n" if has_arms else "_(no successful runs)_\n", encoding="utf-8")
     (out / "table.tex").write_text(render.latex_table(analysis["table"], title) if has_arms else "", encoding="utf-8")
     analysis["table"].to_csv(out / "results.csv", index=False)
     analysis["summary"].to_csv(out / "runs.csv", index=False)
+    document.per_class_csv(analysis).to_csv(out / "per_class.csv", index=False)
     write_json(out / "results.json", document.results_json(analysis, meta))
+    md_blocks = document.blocks(analysis, {k: [(f"plots/{n}", d, c) for n, d, c in v] for k, v in figs.items()}, meta)
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    (out / "report.md").write_text(render.markdown(md_blocks, set(files) | {"report.html", "plots"}),
+                                   encoding="utf-8")
+    (out / "report.html").write_text(render.html_page(md_blocks, f"peftbench report: {title}",
+                                                      {**files, **document.doc_files()}), encoding="utf-8")
 
 
 def _check_report_folder(out: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from peftbench.report import render, verdict
+from peftbench.report import errors, render, verdict
 from peftbench.report.render import NA, count, mean_std, missing, num, pts, signed, size
 
 
@@ -83,17 +83,29 @@ def nuisance_display(scores: pd.DataFrame, selection_metric: str) -> pd.DataFram
                          "Chosen": ["✓" if c else "" for c in scores["chosen"]]})
 
 
+def _where(frame: pd.DataFrame) -> dict[str, Any]:
+    """Dataset and model columns for a table of a report with several (nothing for one)."""
+    return {} if _single(frame) else {"Dataset": frame["dataset"], "Model": frame["model"]}
+
+
 def efficiency_display(eff: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return pd.DataFrame({"Arm": eff["arm"], "Reference": eff["reference"],
-                         f"Δ {metric} (points)": [signed(x) for x in eff[f"{metric}_diff_points"]],
-                         "Training-time saving": [_pct(x) for x in eff["time_saving_pct"]],
-                         "Parameter reduction": [_pct(x) for x in eff["param_reduction_pct"]],
-                         "Memory saving": [_pct(x) for x in eff["memory_saving_pct"]]})
+    """The efficiency table; an llm arm's estimated request cost as a column when some arm recorded one."""
+    out = pd.DataFrame({**_where(eff), "Arm": eff["arm"], "Reference": eff["reference"],
+                        f"Δ {metric} (points)": [signed(x) for x in eff[f"{metric}_diff_points"]],
+                        "Training-time saving": [_pct(x) for x in eff["time_saving_pct"]],
+                        "Parameter reduction": [_pct(x) for x in eff["param_reduction_pct"]],
+                        "Memory saving": [_pct(x) for x in eff["memory_saving_pct"]]})
+    cost = eff["estimated_cost_usd"] if "estimated_cost_usd" in eff else pd.Series(dtype=float)
+    if pd.to_numeric(cost, errors="coerce").notna().any():
+        out["LLM cost (USD, estimated)"] = [NA if missing(x) else f"${float(x):,.4f}" for x in cost]
+    return out
 
 
-def verdict_line(v: pd.Series) -> str:
-    """One sentence per verdict: Δ, its interval (what it covers), seeds and test examples, the verdict."""
-    head = f"**{v['arm']}**"
+def verdict_line(v: pd.Series, where: bool = False) -> str:
+    """One sentence per verdict: Δ, its interval (what it covers), seeds and test examples, the verdict; ``where``:
+    led by the comparison's dataset and model (a report with several)."""
+    head = f"`{v['dataset']}` · `{v['model']}`: " if where else ""
+    head += f"**{v['arm']}**"
     if not missing(v.get("trainable_pct")):
         head += f" ({_pct(v['trainable_pct'])} of the base model trainable)"
     head += f" vs **{v['reference']}**"
@@ -112,8 +124,7 @@ def _comparison_columns(v: pd.DataFrame, seeds: str, examples: str) -> tuple[Any
     def get(col):
         return v[col] if col in v else pd.Series([None] * len(v), index=v.index)
 
-    where = {} if _single(v) else {"Dataset": v["dataset"], "Model": v["model"]}
-    return get, {**where, "Arm": v["arm"], "Reference": v["reference"],
+    return get, {**_where(v), "Arm": v["arm"], "Reference": v["reference"],
                  seeds: [NA if missing(a) else f"{int(a)} / {int(b)}" for a, b in zip(get("seeds"),
                                                                                    get("seeds_reference"))],
                  examples: [count(x) for x in get("n_examples")]}
@@ -160,8 +171,8 @@ def study_question(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         return meta["question"]
     s = analysis["settings"]
     table = analysis["table"]
-    shares = [f"{a} ({_pct(p)})" for a, p in zip(table["arm"], table["params_trainable_pct"])
-              if a != s["reference"] and not missing(p)] if len(table) else []
+    shares = list(dict.fromkeys(f"{a} ({_pct(p)})" for a, p in zip(table["arm"], table["params_trainable_pct"])
+                                if a != s["reference"] and not missing(p))) if len(table) else []
     arms = ", ".join(shares) if shares else "each arm"
     return (f"Study question: does {arms} match `{s['reference']}` within {float(s['margin']):g} point(s) of test "
             f"{s['metric']}? (Percentages: trainable parameters / all parameters of the trained model.)")
@@ -184,7 +195,7 @@ def _method_paragraph(metric: str, margin: float, alpha: float, sequential: dict
                     f"arm): each look's level is its share of the one-sided α = {verdict.ALPHA} spent by a "
                     f"Pocock-type Lan–DeMets function, so the overall error rate stays ≤ {verdict.ALPHA}; an arm "
                     "decided at a look keeps that look's verdict.")
-    text.append("Method and references: docs/report.md in the peftbench sources.")
+    text.append("Method and references: [docs/report.md](docs/report.md) in the peftbench sources.")
     return " ".join(text)
 
 
@@ -221,7 +232,7 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
     out.append(("p", study_question(analysis, meta)))
     v = analysis["verdicts"]
     if len(v):
-        out.append(("list", [verdict_line(row) for _, row in v.iterrows()]))
+        out.append(("list", [verdict_line(row, not _single(v)) for _, row in v.iterrows()]))
         out.append(("table", verdict_display(v)))
         paired = v["metric"].dropna().iloc[0] if "metric" in v and v["metric"].notna().any() else metric
         out.append(("p", _method_paragraph(paired, margin, float(s.get("alpha", verdict.ALPHA)),
@@ -295,13 +306,17 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
         out.append(("h", 2, "Where the rank goes: spectrum of the learned updates"))
         out.append(("p", "For each adapted matrix, the singular values of the learned update ΔW (B·A·scale for LoRA, "
                          "W_finetuned − W_pretrained for full fine-tuning, on the same matrices). Effective rank = "
-                         "smallest k holding 90% of ‖ΔW‖²; stable rank = ‖ΔW‖²_F / σ₁². Details: docs/methods.md."))
+                         "smallest k holding 90% of ‖ΔW‖²; stable rank = ‖ΔW‖²_F / σ₁². Details: "
+                         "[docs/methods.md](docs/methods.md)."))
         for g in spectra:
             if several:
                 out.append(("h", 3, group_key(g)))
             out.append(("list", spectrum_sentences(g["spectra"], reference)))
             out.append(("table", spectrum_table(g["spectra"]).round(3)))
         out += _intruder_blocks(spectra, several)
+
+    out += _calibration_blocks(analysis["groups"], several)
+    out += _out_of_scope_blocks(analysis["groups"], s.get("out_of_scope_label"), several)
 
     out.append(("h", 2, "Error analysis"))
     for g in analysis["groups"]:
@@ -333,9 +348,9 @@ def blocks(analysis: dict[str, Any], figs: dict[str, list[tuple[str, bytes, str]
     if no_preds > 0:
         items.append(f"{no_preds} successful run(s) have no predictions.parquet: they are in the tables but not in "
                      f"the verdict or the error analysis.")
-    items.append("Files: [report.html](report.html) (self-contained), [results.csv](results.csv), "
-                 "[results.json](results.json), [runs.csv](runs.csv), [table.md](table.md), [table.tex](table.tex), "
-                 "plots/.")
+    items.append("Files: [report.html](report.html) (self-contained: these files are embedded in it), "
+                 "[results.csv](results.csv), [results.json](results.json), [runs.csv](runs.csv), "
+                 "[per_class.csv](per_class.csv), [table.md](table.md), [table.tex](table.tex), plots/.")
     out.append(("list", items))
     return out
 
@@ -412,7 +427,7 @@ def _intruder_blocks(spectra: list[dict[str, Any]], several: bool) -> list[tuple
                               "intruder dimension when maxⱼ |cos(u′ᵢ, u_j)| < ε (Shuttleworth et al. 2024, 'LoRA vs "
                               "Full Fine-tuning: An Illusion of Equivalence', arXiv:2410.21228). Counts per run "
                               "are summed over its adapted matrices and averaged over runs; per matrix, averaged. "
-                              "Details: docs/methods.md.")]
+                              "Details: [docs/methods.md](docs/methods.md).")]
     for g, table in tables_:
         if not len(table):
             continue
@@ -470,13 +485,35 @@ def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
     else:
         out.append(("p", "No stored predictions."))
     best = g["best"]
-    if g["per_class"] is not None:
+    many = _n_classes(g) > errors.MANY_CLASSES
+    if g["per_class"] is not None and not many:
         out.append(("h", level, f"Per-class metrics of the best arm, {best}"))
         pc = g["per_class"]
         out.append(("table", pd.DataFrame({"Class": pc["label"], "Precision": [pts(x) for x in pc["precision"]],
                                            "Recall": [pts(x) for x in pc["recall"]],
                                            "F1": [pts(x) for x in pc["f1"]],
                                            "Support (all seeds)": pc["support"].astype(str)})))
+    elif g["per_class"] is not None:
+        worst = errors.worst_classes(g["per_class_arms"], best)
+        out.append(("h", level, f"Worst classes of the best arm, {best} ({len(worst)} of {_n_classes(g)})"))
+        out.append(("table", pd.DataFrame({
+            "Class": worst["label"], "Precision": [pts(x) for x in worst["precision"]],
+            "Recall": [pts(x) for x in worst["recall"]], "F1": [pts(x) for x in worst["f1"]],
+            "Support (all seeds)": worst["support"].astype(int).astype(str),
+            **{f"F1 {c[3:]}": [pts(x) for x in worst[c]] for c in worst.columns if c.startswith("f1 ")}})))
+        out.append(("p", f"The classes with the lowest F1 under {best}, with every arm's F1 on them (points, seeds "
+                         "pooled)."))
+    if g.get("per_class_arms") is not None and len(g["per_class_arms"]):
+        out.append(("p", "Precision, recall, F1 and support of every class under every arm: "
+                         "[per_class.csv](per_class.csv)."))
+    top = g.get("top_confusions")
+    if many and top is not None and len(top):
+        out.append(("h", level, f"Top confusions of the best arm, {best}"))
+        out.append(("table", pd.DataFrame({"True": top["true"], "Predicted": top["predicted"],
+                                           "Count (all seeds)": top["count"].astype(str),
+                                           "Share of the true class": [pts(x, 1) + "%" for x in top["share"]]})))
+        out.append(("p", f"With {_n_classes(g)} classes the confusion matrix is not drawn: these are its largest "
+                         "off-diagonal cells (seeds summed); share = count / the true class's test predictions."))
     if g["mistakes"] is not None:
         out.append(("h", level, f"Most confident mistakes of {best}"))
         m = g["mistakes"]
@@ -505,6 +542,87 @@ def _error_blocks(g: dict[str, Any], level: int) -> list[tuple]:
     return out
 
 
+def _n_classes(g: dict[str, Any]) -> int:
+    return len(g["labels"]) or (len(g["confusion"]) if g.get("confusion") is not None else 0)
+
+
+def _calibration_blocks(groups: list[dict[str, Any]], several: bool) -> list[tuple]:
+    """ECE per arm with probabilities (:mod:`peftbench.report.calibration`)."""
+    shown = [g for g in groups if g.get("calibration") is not None and len(g["calibration"])]
+    if not shown:
+        return []
+    out: list[tuple] = [("h", 2, "Calibration")]
+    for g in shown:
+        c = g["calibration"]
+        if several:
+            out.append(("h", 3, group_key(g)))
+        out.append(("table", pd.DataFrame({
+            **({"Dataset": [g["dataset"]] * len(c), "Model": [g["model"]] * len(c)} if several else {}),
+            "Arm": c["arm"], "ECE (pts, seeds pooled)": [pts(x) for x in c["ece"]],
+            "ECE per seed (pts)": [pts(m) + ("" if missing(sd) else f" ± {pts(sd)}")
+                                   for m, sd in zip(c["ece_seed_mean"], c["ece_seed_std"])],
+            "Mean confidence (pts)": [pts(x) for x in c["confidence"]],
+            "Accuracy (pts)": [pts(x) for x in c["accuracy"]],
+            "Predictions": [count(x) for x in c["n"]], "Seeds": c["seeds"].astype(str)})))
+    out.append(("p", "Expected calibration error of the top-label confidence (the largest class probability): the "
+                     "test predictions are cut into 15 equal-width confidence bins and ECE = Σ (bin share) · "
+                     "|bin accuracy − bin mean confidence|, in points (Naeini et al. 2015; Guo et al. 2017, 'On "
+                     "calibration of modern neural networks'); 0 = perfectly calibrated. Mean confidence above "
+                     "accuracy = overconfident. Arms without probabilities (llm) are left out. The reliability "
+                     "diagram is under Plots."))
+    return out
+
+
+def _out_of_scope_blocks(groups: list[dict[str, Any]], label: str | None, several: bool) -> list[tuple]:
+    """In-scope accuracy and out-of-scope recall per arm (``report.out_of_scope_label``)."""
+    if not label:
+        return []
+    out: list[tuple] = [("h", 2, f"Out-of-scope detection (`{label}`)")]
+    for g in groups:
+        t = g.get("out_of_scope")
+        if several:
+            out.append(("h", 3, group_key(g)))
+        if t is None or not len(t):
+            out.append(("p", f"`{label}` is not one of the labels of `{g['dataset']}` (or no arm has predictions)."))
+            continue
+        out.append(("table", pd.DataFrame({
+            **({"Dataset": [g["dataset"]] * len(t), "Model": [g["model"]] * len(t)} if several else {}),
+            "Arm": t["arm"], "Seeds": t["seeds"].astype(str),
+            "In-scope accuracy (pts)": [pts(m) + ("" if missing(sd) else f" ± {pts(sd)}")
+                                        for m, sd in zip(t["in_scope_accuracy"], t["in_scope_accuracy_std"])],
+            "Out-of-scope recall (pts)": [pts(m) + ("" if missing(sd) else f" ± {pts(sd)}")
+                                          for m, sd in zip(t["oos_recall"], t["oos_recall_std"])],
+            "In-scope / out-of-scope test examples": [f"{count(a)} / {count(b)}"
+                                                      for a, b in zip(t["n_in_scope"], t["n_oos"])]})))
+    out.append(("p", f"As in Larson et al. 2019 (CLINC150, 'An evaluation dataset for intent classification and "
+                     f"out-of-scope prediction'): in-scope accuracy = accuracy on the test examples whose gold class "
+                     f"is not `{label}` (predicting `{label}` for one is wrong); out-of-scope recall = share of the "
+                     f"`{label}` test examples predicted `{label}`. Mean ± std over seeds."))
+    return out
+
+
+def per_class_csv(analysis: dict[str, Any]) -> pd.DataFrame:
+    """Per-class precision, recall, F1 and support of every arm of every group (fractions; support counts every
+    seed's predictions): the rows of per_class.csv."""
+    parts = [g["per_class_arms"].assign(dataset=g["dataset"], model=g["model"]) for g in analysis["groups"]
+             if g.get("per_class_arms") is not None and len(g["per_class_arms"])]
+    cols = ["dataset", "model", "arm", "label", "precision", "recall", "f1", "support"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def doc_files() -> dict[str, bytes]:
+    """The docs the report links to (``docs/report.md``, ``docs/methods.md``), read from the peftbench sources, to
+    embed in report.html; empty for an installation without them (the links are then plain text)."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    return {f"docs/{n}": (docs / n).read_bytes() for n in ("report.md", "methods.md") if (docs / n).is_file()}
+
+
+def _records(frame: pd.DataFrame | None) -> list[dict[str, Any]]:
+    return [] if frame is None else render.records(frame)
+
+
 def results_json(analysis: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """Everything in the report as JSON (fractions for metrics in tables, points in verdicts and efficiency)."""
     from peftbench.spectrum import intruder_table
@@ -519,6 +637,10 @@ def results_json(analysis: dict[str, Any], meta: dict[str, Any]) -> dict[str, An
                        {"a": g["pair"][0], "b": g["pair"][1], **g["disagree_counts"],
                         "examples_listed": render.records(g["disagree"])},
                        "intruders": render.records(intruder_table(g.get("spectra") or {})),
+                       "calibration": _records(g.get("calibration")),
+                       "reliability_bins": {a: render.records(b) for a, b in (g.get("reliability") or {}).items()},
+                       "out_of_scope": _records(g.get("out_of_scope")),
+                       "top_confusions_best_arm": _records(g.get("top_confusions")),
                        "confusion_matrix_best_arm": None if g["confusion"] is None else
                        [[int(x) for x in row] for row in g["confusion"]]})
     return {"title": meta["title"], "store": meta["store"], "settings": render.jsonable(analysis["settings"]),

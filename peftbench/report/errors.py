@@ -161,3 +161,70 @@ def disagreements(a: dict[Any, pd.DataFrame], b: dict[Any, pd.DataFrame], labels
 
     table = pd.concat([top(a_wins, "A"), top(b_wins, "B")]).drop(columns="_gap").reset_index()
     return counts, table[["id", "right_under", "text", *_pair_column(both), "gold", "a_right", "b_right"]]
+
+
+# Above this many classes the report shows the top confusions as a table instead of the matrix, and per-class metrics
+# as the worst classes (every class of every arm goes to per_class.csv).
+MANY_CLASSES = 20
+
+
+def per_class_arms(arms: dict[str, dict[Any, pd.DataFrame]], labels: list[str]) -> pd.DataFrame:
+    """:func:`per_class` of every arm with predictions, stacked: ``arm``, ``label``, precision, recall, f1, support."""
+    parts = [per_class(frames, labels).assign(arm=arm) for arm, frames in arms.items() if frames]
+    cols = ["arm", "label", "precision", "recall", "f1", "support"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def worst_classes(per_class_long: pd.DataFrame, arm: str, n: int = 10) -> pd.DataFrame:
+    """The ``n`` classes with the lowest F1 under ``arm`` (ties: more support first), with that arm's precision,
+    recall and support and every arm's F1 as a column ``f1 <arm>``."""
+    mine = per_class_long[per_class_long["arm"] == arm]
+    worst = mine.sort_values(["f1", "support"], ascending=[True, False], kind="stable").head(n)
+    f1 = per_class_long.pivot_table(index="label", columns="arm", values="f1", sort=False)
+    out = worst[["label", "precision", "recall", "f1", "support"]].reset_index(drop=True)
+    for other in dict.fromkeys(per_class_long["arm"]):
+        out[f"f1 {other}"] = f1[other].reindex(out["label"]).to_numpy()
+    return out
+
+
+def top_confusions(matrix: np.ndarray, labels: list[str], n: int = 20) -> pd.DataFrame:
+    """The ``n`` largest off-diagonal cells of a confusion matrix (rows = gold; a final extra column = invalid
+    predictions): ``true``, ``predicted``, ``count`` and ``share`` = count / the true class's examples."""
+    m = np.asarray(matrix)
+    names = list(labels) + ["(invalid)"] * (m.shape[1] - len(labels))
+    rows = [{"true": _name(labels, i), "predicted": names[j] if j < len(names) else str(j), "count": int(m[i, j]),
+             "share": float(m[i, j] / m[i].sum())}
+            for i in range(m.shape[0]) for j in range(m.shape[1]) if i != j and m[i, j] > 0]
+    table = pd.DataFrame(rows, columns=["true", "predicted", "count", "share"])
+    return table.sort_values(["count", "share"], ascending=False, kind="stable").head(n).reset_index(drop=True)
+
+
+def out_of_scope(frames: dict[Any, pd.DataFrame], labels: list[str], oos_label: str) -> dict[str, Any] | None:
+    """Larson et al. 2019 (CLINC150, "An evaluation dataset for intent classification and out-of-scope prediction",
+    EMNLP) per seed, then mean and std over seeds: ``in_scope_accuracy`` = accuracy on the test examples whose gold
+    class is not ``oos_label`` (predicting it counts as wrong), ``oos_recall`` = share of the ``oos_label`` examples
+    predicted as it. None when ``oos_label`` is not one of ``labels`` or there are no predictions."""
+    if oos_label not in labels or not frames:
+        return None
+    k = labels.index(oos_label)
+    ins, rec = [], []
+    for f in frames.values():
+        gold, pred = f["label"].to_numpy(), f["pred"].to_numpy()
+        inside = gold != k
+        ins.append(float((pred[inside] == gold[inside]).mean()) if inside.any() else np.nan)
+        rec.append(float((pred[~inside] == k).mean()) if (~inside).any() else np.nan)
+    first = next(iter(frames.values()))["label"].to_numpy()
+
+    def std(x):
+        return float(np.std(x, ddof=1)) if len(x) > 1 else float("nan")
+
+    return {"in_scope_accuracy": float(np.mean(ins)), "in_scope_accuracy_std": std(ins),
+            "oos_recall": float(np.mean(rec)), "oos_recall_std": std(rec), "seeds": len(frames),
+            "n_in_scope": int((first != k).sum()), "n_oos": int((first == k).sum())}
+
+
+def out_of_scope_table(arms: dict[str, dict[Any, pd.DataFrame]], labels: list[str], oos_label: str) -> pd.DataFrame:
+    """:func:`out_of_scope` of every arm with predictions, one row each (empty when the label is unknown)."""
+    rows = [{"arm": arm, **r} for arm, frames in arms.items() if (r := out_of_scope(frames, labels, oos_label))]
+    return pd.DataFrame(rows, columns=["arm", "in_scope_accuracy", "in_scope_accuracy_std", "oos_recall",
+                                       "oos_recall_std", "seeds", "n_in_scope", "n_oos"])

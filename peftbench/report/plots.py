@@ -36,6 +36,23 @@ def _pts(x: Any) -> Any:
     return 100.0 * x
 
 
+# Methods without a fine-tuned encoder: their parameter counts are not on the encoders' scale (TF-IDF coefficients,
+# an LSTM's own weights, an llm's nothing), so metric_vs_params draws them as horizontal lines, not on its x axis.
+OFF_AXIS_METHODS = ("majority", "untrained", "tfidf", "lstm", "llm")
+
+
+def titled(fig: Figure, where: str) -> Figure:
+    """The figure with ``where`` (dataset · model) as a line above everything, so that a PNG names its data."""
+    fig.suptitle(where, y=1.0, va="bottom", fontsize=9, color="0.3")
+    return fig
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """The axes' legend to the right of the plot, never over the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
 def metric_vs_rank(table: pd.DataFrame, metric: str = "accuracy") -> Figure | None:
     """Test ``metric`` (points) against LoRA rank on a log axis, error bars = std over seeds; full fine-tuning and
     the frozen encoder as horizontal reference lines (shaded ± their std)."""
@@ -61,7 +78,7 @@ def metric_vs_rank(table: pd.DataFrame, metric: str = "accuracy") -> Figure | No
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_title(f"{metric} vs rank")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return fig
 
 
@@ -77,36 +94,43 @@ def pareto_front(table: pd.DataFrame, x: str, y: str) -> list[int]:
 
 
 def metric_vs_params(table: pd.DataFrame, metric: str = "accuracy") -> Figure | None:
-    """Test ``metric`` against trainable parameters (log axis); the Pareto frontier (no arm has fewer parameters and
-    a higher score) is joined and ringed. Arms without trainable parameters (untrained head) are a horizontal line."""
-    plotted = table[(table["params_trainable"] > 0) & table[metric].notna()]
+    """Test ``metric`` against trainable parameters (log axis) of the fine-tuned encoders, one marker and legend entry
+    per arm (error bars = std over seeds; no text next to the points); the Pareto frontier (no arm has fewer
+    parameters and a higher score) is joined and ringed. Arms of :data:`OFF_AXIS_METHODS` and arms without trainable
+    parameters are horizontal lines, not points on the parameter axis."""
+    has_score = table[metric].notna()
+    off = table["method"].isin(OFF_AXIS_METHODS) | ~(table["params_trainable"].fillna(0) > 0)
+    plotted = table[has_score & ~off]
     if not len(plotted):
         return None
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(7.5, 4))
     ax = fig.subplots()
-    ax.errorbar(plotted["params_trainable"], _pts(plotted[metric]), yerr=_pts(plotted[f"{metric}_std"].fillna(0)),
-                fmt="o", capsize=3, color="tab:blue", label="arm (mean ± std)")
-    for _, row in plotted.iterrows():
-        ax.annotate(str(row["arm"]), (row["params_trainable"], _pts(row[metric])), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+    markers = "osD^vP*Xhp<>"
+    for i, (_, row) in enumerate(plotted.iterrows()):
+        sd = row[f"{metric}_std"]
+        ax.errorbar([row["params_trainable"]], [_pts(row[metric])], yerr=[_pts(sd) if pd.notna(sd) else 0.0],
+                    fmt=markers[i % len(markers)], capsize=3, color=f"C{i % 10}", label=str(row["arm"]))
     front = plotted.loc[pareto_front(plotted, "params_trainable", metric)]
-    ax.step(front["params_trainable"], _pts(front[metric]), where="post", color="tab:orange", alpha=0.7)
-    ax.scatter(front["params_trainable"], _pts(front[metric]), s=160, facecolors="none", edgecolors="tab:orange",
+    ax.step(front["params_trainable"], _pts(front[metric]), where="post", color="0.2", alpha=0.6)
+    ax.scatter(front["params_trainable"], _pts(front[metric]), s=160, facecolors="none", edgecolors="0.2",
                label="Pareto frontier")
-    for _, row in table[(table["params_trainable"].fillna(0) == 0) & table[metric].notna()].iterrows():
-        ax.axhline(_pts(row[metric]), color="tab:gray", linestyle=":", label=f"{row['arm']} (no trainable params)")
+    styles = [":", "-.", "--", (0, (1, 3))]
+    for j, (_, row) in enumerate(table[has_score & off].iterrows()):
+        ax.axhline(_pts(row[metric]), color="0.45", linestyle=styles[j % len(styles)], lw=1.2,
+                   label=f"{row['arm']} (baseline, not on this axis)")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_xlabel("trainable parameters of the fine-tuned model (log scale)")
     ax.set_ylabel(f"test {metric} (%)")
-    ax.set_title(f"{metric} vs trainable parameters")
+    ax.set_title(f"{metric} vs trainable parameters (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return fig
 
 
 def training_curves(curves: dict[str, pd.DataFrame]) -> Figure | None:
     """One panel per arm: train and validation loss (left axis) and accuracy (right axis) per epoch, averaged over
-    the arm's seeds. ``curves`` maps arm → the stacked metrics.jsonl rows of its runs."""
+    the arm's seeds; every epoch marked (a 2-epoch curve is two points, not a bare line); one legend for all panels,
+    beside them. ``curves`` maps arm → the stacked metrics.jsonl rows of its runs."""
     curves = {arm: c for arm, c in curves.items() if len(c) and "epoch" in c}
     if not curves:
         return None
@@ -114,42 +138,66 @@ def training_curves(curves: dict[str, pd.DataFrame]) -> Figure | None:
     rows = int(np.ceil(len(curves) / cols))
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    legend: dict[str, Any] = {}
     for ax, (arm, c) in zip(axes, curves.items()):
         mean = c.groupby("epoch").mean(numeric_only=True)
+        marker = "o" if len(mean) <= 10 else "."
         acc_ax = ax.twinx()
-        for col, color, style in (("train_loss", "tab:blue", "-"), ("val_loss", "tab:blue", "--")):
-            if col in mean:
-                ax.plot(mean.index, mean[col], color=color, linestyle=style, marker=".", label=col)
-        for col, color, style in (("train_accuracy", "tab:green", "-"), ("val_accuracy", "tab:green", "--")):
-            if col in mean:
-                acc_ax.plot(mean.index, _pts(mean[col]), color=color, linestyle=style, marker=".", label=col)
+        for target, scale, series in ((ax, 1.0, (("train_loss", "tab:blue", "-"), ("val_loss", "tab:blue", "--"))),
+                                      (acc_ax, 100.0, (("train_accuracy", "tab:green", "-"),
+                                                       ("val_accuracy", "tab:green", "--")))):
+            for col, color, style in series:
+                if col in mean:
+                    (line,) = target.plot(mean.index, scale * mean[col], color=color, linestyle=style, marker=marker,
+                                          markersize=4, label=col)
+                    legend.setdefault(col, line)
         ax.set_title(str(arm), fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss", color="tab:blue")
         acc_ax.set_ylabel("accuracy (%)", color="tab:green")
-        lines = ax.get_legend_handles_labels()
-        more = acc_ax.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center right")
         ax.grid(alpha=0.3)
     for ax in axes[len(curves):]:
         ax.set_visible(False)
     fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95),
+               frameon=False)
     return fig
 
 
 def confusion_matrix(matrix: np.ndarray, labels: list[str], title: str) -> Figure:
-    """Confusion matrix counts (rows = gold, columns = predicted); numbers printed up to 20 classes."""
+    """Confusion matrix counts (rows = gold, columns = predicted); numbers printed up to 20 classes (the report draws
+    it only up to :data:`peftbench.report.errors.MANY_CLASSES` classes, and lists the top confusions above)."""
     k = len(labels)
     size = min(4 + 0.3 * k, 16)
     fig = Figure(figsize=(size, size * 0.85))
     ax = fig.subplots()
     disp = ConfusionMatrixDisplay(np.asarray(matrix), display_labels=labels)
     disp.plot(ax=ax, include_values=k <= 20, cmap="Blues", colorbar=True, xticks_rotation=45 if k > 4 else "horizontal")
-    if k > 30:
-        ax.set_xticks([])
-        ax.set_yticks([])
     ax.set_title(title)
+    return fig
+
+
+def reliability_diagram(bins: dict[str, pd.DataFrame] | None, summary: pd.DataFrame | None = None) -> Figure | None:
+    """Accuracy against mean confidence per confidence bin, one line per arm
+    (:func:`peftbench.report.calibration.calibration_table`), the diagonal = perfect calibration; the legend gives
+    each arm's ECE. None when no arm has probabilities."""
+    if not bins:
+        return None
+    ece = {} if summary is None or not len(summary) else dict(zip(summary["arm"], summary["ece"]))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 100], [0, 100], color="0.5", linestyle="--", lw=1, label="perfect calibration")
+    for arm, b in bins.items():
+        label = f"{arm} (ECE {_pts(ece[arm]):.1f})" if arm in ece else str(arm)
+        ax.plot(_pts(b["confidence"]), _pts(b["accuracy"]), marker="o", markersize=4, label=label)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("mean confidence in the bin (%, largest class probability)")
+    ax.set_ylabel("accuracy in the bin (%)")
+    ax.set_title("reliability diagram (15 equal-width bins, seeds pooled)")
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
     return fig
 
 
@@ -187,7 +235,7 @@ def tuning_curves(tuning: pd.DataFrame, selection_metric: str = "accuracy") -> F
     ax.set_xlabel("nuisance settings tried (trials)")
     ax.set_ylabel(f"expected best validation {selection_metric}" + ("" if scale == 1 else " (points)"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    legend_outside(ax)
     return fig
 
 
@@ -208,7 +256,7 @@ def intruder_curves(curves: pd.DataFrame | None, k: int | None = None) -> Figure
     ax.set_ylabel("intruder dimensions per run" + (f" (top {k} per matrix)" if k else ""))
     ax.set_title("intruder dimensions vs ε (Shuttleworth et al. 2024)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    legend_outside(ax)
     return fig
 
 
@@ -230,5 +278,5 @@ def lr_curves(grid: pd.DataFrame | None, selection_metric: str = "accuracy") -> 
     ax.set_ylabel(f"mean validation {selection_metric}" + ("" if scale == 1 else " (points)"))
     ax.set_title("validation score vs learning rate")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    legend_outside(ax)
     return fig

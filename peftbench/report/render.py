@@ -4,7 +4,8 @@ a LaTeX booktabs table and JSON-safe records. Pure: strings in, strings out.
 A document is a list of blocks::
 
     ("h", level, text)            heading
-    ("p", text)                   paragraph (inline **bold**, `code` and [links](file) allowed)
+    ("p", text)                   paragraph (inline **bold**, `code` and [links](file) allowed; in HTML a link to
+                                  a report file is an embedded download)
     ("list", [text, ...])         bullet list
     ("table", frame)              a DataFrame of display strings (sortable in HTML)
     ("img", path, png_bytes, alt) a figure: linked by path in Markdown, inlined as base64 in HTML
@@ -147,16 +148,39 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule] + body)
 
 
-def markdown(blocks: list[tuple]) -> str:
+LINK = r"\[([^\]]+)\]\(([^)\s]+)\)"
+
+
+def is_relative(href: str) -> bool:
+    """A link to a file beside the report (not an http(s) URL, not a data: URI)."""
+    return re.match(r"(?:https?|data):", href, flags=re.IGNORECASE) is None
+
+
+def unlink(text: str, present: set[str]) -> str:
+    """Markdown text in which a relative link whose file (first path part) is not in ``present`` is its bare label:
+    a link to a file the reader does not have is never rendered (outside `code` spans)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    for i in range(0, len(parts), 2):
+        parts[i] = re.sub(LINK, lambda m: m[1] if is_relative(m[2]) and m[2].split("/")[0].split("#")[0] not in present
+                          else m[0], parts[i])
+    return "".join(parts)
+
+
+def markdown(blocks: list[tuple], present: set[str] | None = None) -> str:
+    """The blocks as GitHub Markdown; with ``present`` (the names of the files beside report.md), relative links to
+    other files are written as plain text."""
+    def text(t: str) -> str:
+        return defuse(t if present is None else unlink(t, present))
+
     parts = []
     for block in blocks:
         kind = block[0]
         if kind == "h":
-            parts.append("#" * block[1] + " " + defuse(block[2]))
+            parts.append("#" * block[1] + " " + text(block[2]))
         elif kind == "p":
-            parts.append(defuse(block[1]))
+            parts.append(text(block[1]))
         elif kind == "list":
-            parts.append("\n".join(f"- {defuse(item)}" for item in block[1]))
+            parts.append("\n".join(f"- {text(item)}" for item in block[1]))
         elif kind == "table":
             parts.append(markdown_table(block[1]) if len(block[1]) else "_(none)_")
         elif kind == "img":
@@ -172,14 +196,31 @@ def markdown(blocks: list[tuple]) -> str:
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
        padding: 0 1em; color: #1f2328; line-height: 1.45; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; display: block; overflow-x: auto; }
-th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; white-space: nowrap; }
-td.long { white-space: normal; min-width: 24em; }
-th { background: #f6f8fa; cursor: pointer; white-space: nowrap; }
+.wide { overflow-x: auto; margin: 0.8em 0; }
+table { border-collapse: collapse; font-size: 0.85em; max-width: 100%; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; white-space: normal;
+         overflow-wrap: break-word; }
+td.long { min-width: 24em; }
+td { white-space: nowrap; }
+td.wrap, td.long, td.key { white-space: normal; }
+th { background: #f6f8fa; cursor: pointer; }
+th.key, td.key { position: sticky; right: 0; background: #fff8c5; font-weight: 600; box-shadow: -2px 0 3px #0002; }
 th.asc::after { content: " ▲"; } th.desc::after { content: " ▼"; }
 tr:nth-child(even) td { background: #fafbfc; }
+tr:nth-child(even) td.key { background: #fff8c5; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 code { background: #f6f8fa; padding: 0 3px; border-radius: 3px; }
+@media print {
+  body { max-width: none; margin: 0; padding: 0; font-size: 9pt; }
+  .wide { overflow: visible; }
+  table { font-size: 6.5pt; width: 100%; }
+  th, td { padding: 1px 3px; overflow-wrap: anywhere; }
+  td.long { min-width: 0; }
+  td { white-space: normal; }
+  th.key, td.key { position: static; box-shadow: none; }
+  th { cursor: auto; } th.asc::after, th.desc::after { content: ""; }
+  tr, img { break-inside: avoid; }
+}
 """
 
 SORTER = """
@@ -206,39 +247,76 @@ document.querySelectorAll("table.sortable th").forEach(function (th) {
 """
 
 
-def inline_html(text: str) -> str:
-    """Escape, then turn Markdown inline `code`, **bold** and [text](href) into HTML (links: safe targets only)."""
+# Files embedded in report.html as data: URIs (downloads that work when the page is shared alone) up to this size;
+# a larger one is named, not linked.
+EMBED_MAX_BYTES = 2 * 1024 * 1024
+MIME = {".csv": "text/csv", ".json": "application/json", ".md": "text/markdown", ".tex": "application/x-tex",
+        ".png": "image/png", ".html": "text/html"}
+
+
+def data_uri(name: str, data: bytes) -> str:
+    mime = next((m for ext, m in MIME.items() if name.endswith(ext)), "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def inline_html(text: str, files: dict[str, bytes] | None = None) -> str:
+    """Escape, then turn Markdown inline `code`, **bold** and [text](href) into HTML (links: safe targets only). With
+    ``files`` (name → bytes), a relative link to one of them becomes an embedded download (data: URI) and one to any
+    other file its bare text: nothing in the page points at a file beside it."""
     out = html.escape(text, quote=True)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)",
-                 lambda m: f'<a href="{m[2]}">{m[1]}</a>' if safe_href(html.unescape(m[2])) else m[0], out)
-    return out
+
+    def link(m: re.Match) -> str:
+        href = html.unescape(m[2])
+        if not safe_href(href):
+            return m[0]
+        if files is None or not is_relative(href):
+            return f'<a href="{m[2]}">{m[1]}</a>'
+        data = files.get(href)
+        if data is None or len(data) > EMBED_MAX_BYTES:
+            return m[1]
+        name = html.escape(href.rsplit("/", 1)[-1], quote=True)
+        return f'<a download="{name}" href="{data_uri(href, data)}">{m[1]}</a>'
+
+    return re.sub(LINK, link, out)
 
 
-def _td(value: Any) -> str:
+def _td(value: Any, key: bool = False) -> str:
     text = NA if missing(value) else str(value)
-    return f'<td class="long">{html.escape(text)}</td>' if len(text) > 40 else f"<td>{html.escape(text)}</td>"
+    cls = "key" if key else "long" if len(text) > 40 else "wrap" if len(text) > 12 else ""
+    return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
+
+
+# Columns kept in view: sticky at the right edge when a table is wider than the page (and never cut in print).
+KEY_COLUMNS = ("Verdict",)
 
 
 def html_table(frame: pd.DataFrame) -> str:
-    """A sortable table (click a header); long cells (texts, reasons) wrap, the others do not."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
-    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    """A sortable table (click a header) in a horizontally scrolling box; headers and cells of more than 12
+    characters wrap (on paper every cell may), long ones (texts, reasons) get a minimum width on screen; a
+    :data:`KEY_COLUMNS` column stays in view."""
+    keys = [str(c) in KEY_COLUMNS for c in frame.columns]
+    head = "".join(f'<th class="key">{html.escape(str(c))}</th>' if k else f"<th>{html.escape(str(c))}</th>"
+                   for c, k in zip(frame.columns, keys))
+    rows = "".join("<tr>" + "".join(_td(v, k) for v, k in zip(row, keys)) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    table = f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    return f'<div class="wide">{table}</div>'
 
 
-def html_page(blocks: list[tuple], title: str) -> str:
+def html_page(blocks: list[tuple], title: str, files: dict[str, bytes] | None = None) -> str:
+    """The blocks as one self-contained HTML page; ``files``: see :func:`inline_html`."""
     parts = []
     for block in blocks:
         kind = block[0]
         if kind == "h":
             level = min(block[1], 6)
-            parts.append(f"<h{level}>{inline_html(block[2])}</h{level}>")
+            parts.append(f"<h{level}>{inline_html(block[2], files)}</h{level}>")
         elif kind == "p":
-            parts.append(f"<p>{inline_html(block[1])}</p>")
+            parts.append(f"<p>{inline_html(block[1], files)}</p>")
         elif kind == "list":
-            parts.append("<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in block[1]) + "</ul>")
+            parts.append("<ul>" + "".join(f"<li>{inline_html(i, files)}</li>" for i in block[1]) + "</ul>")
         elif kind == "table":
             parts.append(html_table(block[1]) if len(block[1]) else "<p><em>(none)</em></p>")
         elif kind == "img":

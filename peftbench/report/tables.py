@@ -28,7 +28,8 @@ METRICS = list(config.METRICS)
 PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "params_base_model",
           "params_trainable_pct"]
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes",
-         "invalid"]  # invalid: llm predictions whose reply named no label (counted wrong), mean over seeds
+         "invalid",  # invalid: llm predictions whose reply named no label (counted wrong), mean over seeds
+         "estimated_cost_usd"]  # llm arms: the price of the requests as a fresh run would pay it
 # Table order: baselines first, then by rank, the full fine-tuning reference last; unknown methods in between.
 METHOD_ORDER = {"majority": 0, "untrained": 0.5, "tfidf": 1, "lstm": 1.5, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
 # Arms with at least this many seeds get a percentile bootstrap CI over seeds, fewer a Student t interval (seed_ci).
@@ -281,7 +282,7 @@ def _saving(value: float, ref: float) -> float:
 def efficiency(table: pd.DataFrame, reference: str = "full", metric: str = "accuracy") -> pd.DataFrame:
     """Each arm against the reference arm of its (model, dataset) group: metric difference in points (arm −
     reference), training-time saving %, trainable-parameter reduction % and peak-memory saving % (positive = the arm
-    uses less)."""
+    uses less), and an llm arm's ``estimated_cost_usd`` (mean over seeds; NaN for the others)."""
     rows = []
     for (model, dataset), group in table.groupby(["model", "dataset"], sort=False, dropna=False):
         ref = find_reference(group, reference)
@@ -292,9 +293,10 @@ def efficiency(table: pd.DataFrame, reference: str = "full", metric: str = "accu
                          f"{metric}_diff_points": 100.0 * (row[metric] - ref[metric]),
                          "time_saving_pct": _saving(row["train_time_s"], ref["train_time_s"]),
                          "param_reduction_pct": _saving(row["params_trainable"], ref["params_trainable"]),
-                         "memory_saving_pct": _saving(row["peak_memory_mb"], ref["peak_memory_mb"])})
+                         "memory_saving_pct": _saving(row["peak_memory_mb"], ref["peak_memory_mb"]),
+                         "estimated_cost_usd": row.get("estimated_cost_usd")})
     cols = ["model", "dataset", "arm", "reference", f"{metric}_diff_points", "time_saving_pct",
-            "param_reduction_pct", "memory_saving_pct"]
+            "param_reduction_pct", "memory_saving_pct", "estimated_cost_usd"]
     return pd.DataFrame(rows, columns=cols)
 
 
