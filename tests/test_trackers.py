@@ -213,3 +213,19 @@ def test_a_failing_tracker_warns_and_the_run_is_stored(tmp_path, tiny_bert, tiny
     assert main(["run", str(study), "--store", str(tmp_path / "other"), "--no-report", "--report-to", "none",
                  "--set", "arms=[{method='tfidf'}]"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_ray_workers_log_to_the_trackers_too(tmp_path, tiny_bert, tiny_data):
+    pytest.importorskip("ray")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = tmp_path / "store"
+    study = _study(tmp_path, tiny_bert, tiny_data, extra='[tracking]\nreport_to = ["tensorboard"]\n')
+    assert main(["run", str(study), "--store", str(store), "--no-report", "--set", "arms=[{method='frozen'}]",
+                 "--executor", "ray", "--cpus-per-run", "1"]) == 0
+    (run_id,) = load_results(store)["run_id"]
+    (run_dir,) = (store / ".tensorboard" / "tiny").iterdir()
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert run_dir.name.endswith(run_id) and [e.step for e in acc.Scalars("validation/accuracy")] == [1, 2]
