@@ -14,7 +14,7 @@ import pytest
 from peftbench.cli import main
 from peftbench.config import ConfigError, expand_runs, load_study
 from peftbench.store import load_results
-from peftbench.trackers import BACKENDS, check
+from peftbench.trackers import BACKENDS, RunTracking, check, epoch_metrics, final_metrics
 from tests.conftest import write_study
 
 ARMS = """
@@ -229,3 +229,45 @@ def test_ray_workers_log_to_the_trackers_too(tmp_path, tiny_bert, tiny_data):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert run_dir.name.endswith(run_id) and [e.step for e in acc.Scalars("validation/accuracy")] == [1, 2]
+
+
+def test_final_numbers_keep_numbers_only_and_an_llm_arms_cost():
+    result = {"metrics": {"test": {"accuracy": 0.5, "roc_auc": None, "confusion_matrix": [[1, 0], [0, 1]]},
+                          "validation": None, "best_epoch": None, "epochs_run": 0},
+              "params": {"trainable": 0, "total": 0},
+              "costs": {"estimated_cost_usd": 0.25, "prompt_tokens": 120, "frozen_features_cached": False,
+                        "peak_memory_kind": "process_peak_rss", "eval_time_s": float("nan")}}
+    assert final_metrics(result) == {"test/accuracy": 0.5, "params/trainable": 0.0, "params/total": 0.0,
+                                     "costs/estimated_cost_usd": 0.25, "costs/prompt_tokens": 120.0,
+                                     "run/epochs_run": 0.0}
+    assert epoch_metrics({"epoch": 1, "step": 9, "train_loss": 0.5, "val_f1_macro": 0.7, "lr": 1e-3}) == {
+        "train/loss": 0.5, "validation/f1_macro": 0.7, "train/lr": 1e-3}
+
+
+def test_a_failed_or_interrupted_run_closes_its_mlflow_run_so(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")  # the user's own store
+    run = expand_runs(load_study(_study(tmp_path, tiny_bert, tiny_data)))[0]
+    settings = {"report_to": ["mlflow"]}
+    with RunTracking(settings, run, tmp_path / "store") as tracking:
+        tracking.log_epoch({"epoch": 1, "step": 3, "train_loss": 0.9})
+        tracking.finish({"status": "failed", "error": "RuntimeError: boom"})
+    with pytest.raises(KeyboardInterrupt), RunTracking(settings, run, tmp_path / "store"):
+        raise KeyboardInterrupt
+    assert not (tmp_path / "store" / ".mlflow").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    runs = {r.info.status: r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
+    assert sorted(runs) == ["FAILED", "KILLED"]
+    assert runs["FAILED"].data.tags["peftbench.error"] == "RuntimeError: boom"
+    assert runs["FAILED"].data.metrics == {"train/loss": 0.9} and runs["KILLED"].data.metrics == {}
+
+
+def test_train_takes_report_to(tmp_path, tiny_bert, tiny_data):
+    pytest.importorskip("tensorboard")
+    store = tmp_path / "store"
+    assert main(["train", "--model", str(tiny_bert), "--dataset", str(tiny_data), "--method", "tfidf",
+                 "--store", str(store), "--no-report", "--report-to", "tensorboard"]) == 0
+    (run_id,) = load_results(store)["run_id"]
+    assert [d.name[-16:] for d in (store / ".tensorboard" / "train").iterdir()] == [run_id]
