@@ -2,6 +2,7 @@
 
     peftbench run [STUDY.toml] [--store DIR] [--set KEY=VALUE ...]   # no STUDY: the built-in offline demo
     peftbench run STUDY.toml --until-decided --max-seeds 10            # add seeds until every verdict is decided
+    peftbench run STUDY.toml --report-to tensorboard,mlflow            # each run also logged to these trackers
     peftbench plan [STORE or STUDY.toml]                               # seeds / test examples that would decide
     peftbench validate STUDY.toml                                      # expand and check, train nothing
     peftbench ls [STORE]                                               # runs with status and key metrics
@@ -61,6 +62,25 @@ def _picked(args: argparse.Namespace, fields: dict, prefix: str = "") -> dict[st
     return {k: getattr(args, prefix + k) for k in fields if getattr(args, prefix + k, None) is not None}
 
 
+def _report_to(text: str) -> list[str]:
+    """``--report-to tensorboard,mlflow`` → the tracker names; ``none`` → no tracker (whatever the study says)."""
+    from peftbench.trackers import BACKENDS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(BACKENDS)} (comma-separated) or none, got "
+                                         f"{text!r}")
+    return names
+
+
+def _tracking_override(args) -> list[str]:
+    """``--report-to`` as the ``--set`` override of the study's ``tracking.report_to`` (none given: none)."""
+    return [] if args.report_to is None else [f"tracking.report_to={json.dumps(args.report_to)}"]
+
+
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     import pandas as pd
 
@@ -80,7 +100,10 @@ def cmd_validate(args) -> int:
     from peftbench.runner import check_study_inputs
     from peftbench.store import Store
 
+    from peftbench.trackers import check
+
     study = load_study(args.study, args.set)
+    check(study.tracking)
     if not args.no_data:
         check_study_inputs(study)
         from peftbench.data import describe_splits
@@ -229,7 +252,7 @@ def _summarise(store: Path, run_ids: list[str], study=None) -> None:
 
 
 def cmd_run(args) -> int:
-    return _run(load_study(args.study, args.set), args)
+    return _run(load_study(args.study, args.set + _tracking_override(args)), args)
 
 
 def cmd_train(args) -> int:
@@ -248,7 +271,7 @@ def cmd_train(args) -> int:
     flags = {*_picked(args, LORA_PARAMS, "lora_"), *_picked(args, TRAIN_FIELDS),
              *_picked(args, DATASET_FIELDS, "data_")}
     try:
-        study = validate_study(apply_overrides(raw, args.set), None)
+        study = validate_study(apply_overrides(raw, args.set + _tracking_override(args)), None)
     except ConfigError as e:  # name the flag the value came from, not its place in the study it made
         raise ConfigError(re.sub(r"^study: (?:arms\[0\]|train|datasets\.[^.:]+)\.(\w+):",
                                  lambda m: f"--{m[1].replace('_', '-')}:" if m[1] in flags else m[0], str(e))) from None
@@ -377,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "average shows other jobs on them; OMP_NUM_THREADS also chooses)")
         p.add_argument("--no-retry-failed", action="store_true", help="skip runs that failed before")
         p.add_argument("--no-report", dest="report", action="store_false", help="do not write the report")
+        p.add_argument("--report-to", type=_report_to, default=None, metavar="TRACKERS",
+                       help="also log each run to these experiment trackers: tensorboard, mlflow, wandb "
+                            "(comma-separated), or none (default: the study's tracking.report_to)")
 
     p = sub.add_parser("run", help="run a study (default: the built-in offline demo)")
     p.add_argument("study", nargs="?", default=None, help="study file (.toml or .yaml)")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench import methods
+from peftbench.trackers import BACKENDS as TRACKERS
 from peftbench.fields import ConfigError, check_value, type_name  # ConfigError, check_value: also importable from here
 
 BUILTIN_STUDIES = Path(__file__).parent / "studies"
@@ -125,7 +126,13 @@ METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_
            "recall_macro", "roc_auc")
 REPORT_CHOICES = {"metric": METRICS, "selection_metric": METRICS + ("loss",)}
 
-STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report"}
+TRACKING_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "report_to": ("list[str]", [], f"experiment trackers each run is also logged to: {', '.join(TRACKERS)} (not part "
+                  "of the run ids; `peftbench run --report-to` overrides it)"),
+    "wandb_project": ("str?", None, "wandb project of the runs (default: WANDB_PROJECT, else peftbench)"),
+}
+
+STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report", "tracking"}
 ARM_FIXED_FIELDS = {"method", "name"}
 
 
@@ -186,6 +193,8 @@ class Study:
     arms: list[Arm]
     report: dict[str, Any]
     description: str = ""
+    tracking: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(  # [tracking], defaults filled in
+        {k: default for k, (_, default, _) in TRACKING_FIELDS.items()}))
 
 
 @dataclass
@@ -436,6 +445,8 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         raise ConfigError(f"{where}: report.margin: expected a number of points > 0 (a non-inferiority margin), "
                           f"got {report['margin']!r}")
 
+    tracking = _check_tracking(f"{where}: tracking", raw.get("tracking", {}))
+
     raw_arms = raw.get("arms")
     if not isinstance(raw_arms, list) or not raw_arms:
         raise ConfigError(f"{where}: arms: expected at least one [[arms]] table with a 'method' key")
@@ -469,10 +480,22 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         arms.append(Arm(method=method, name=arm_name, method_params=mparams, train=tparams))
 
     study = Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
-                  arms=arms, report=report, description=description)
+                  arms=arms, report=report, description=description, tracking=tracking)
     if "reference" in raw_report:
         check_reference(f"{where}: report.reference", study)
     return study
+
+
+def _check_tracking(where: str, raw: Any) -> dict[str, Any]:
+    """The ``[tracking]`` table: known tracker names, each once."""
+    _check_table(where, raw, TRACKING_FIELDS)
+    tracking = {k: check_value(f"{where}.{k}", kind, raw.get(k, default)) for k, (kind, default, _) in
+                TRACKING_FIELDS.items()}
+    for name in tracking["report_to"]:
+        if name not in TRACKERS:
+            raise ConfigError(f"{where}.report_to: expected some of {', '.join(TRACKERS)}, got {name!r}")
+    tracking["report_to"] = list(dict.fromkeys(tracking["report_to"]))
+    return tracking
 
 
 def check_reference(where: str, study: Study) -> None:
@@ -559,7 +582,7 @@ def reference_markdown() -> str:
         return "\n".join(rows)
 
     parts = [table("`[train]` (and any arm)", TRAIN_FIELDS), table("`[datasets.NAME]`", DATASET_FIELDS),
-             table("`[report]`", REPORT_FIELDS)]
+             table("`[report]`", REPORT_FIELDS), table("`[tracking]`", TRACKING_FIELDS)]
     for name, method in methods.METHODS.items():
         if method.params:
             parts.append(table(f"`method = \"{name}\"`: {method.doc}", method.params))

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from peftbench import methods, progress
+from peftbench import methods, progress, trackers
 from peftbench.config import RunConfig, Study, expand_runs
 from peftbench.environment import environment_base, pick_device
 from peftbench.runner import execute_run, get_splits
@@ -115,6 +115,7 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     runs of the study (default: all of them).
     """
     store_obj = Store(store or study.store)
+    trackers.check(study.tracking)
     summary, todo = plan_runs(study, store_obj, retry_failed, runs)
     dev = pick_device(device)
     owner = new_owner("local")
@@ -126,7 +127,7 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     bar = progress.bar(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
     for i, run in enumerate(todo, 1):
         bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
-        result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id])
+        result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id], tracking=study.tracking)
         bar.update(round(work[run.run_id]))
         done_work += work[run.run_id]
         left = progress.eta(time.perf_counter() - started, done_work, total_work)
@@ -174,14 +175,17 @@ def holding(store: Store, run_id: str, owner: str, seen: Any):
 
 
 def execute_claimed(run: RunConfig, store: Store, device, owner: str, seen: Any = None,
-                    position: int = 1) -> dict[str, Any] | None:
+                    position: int = 1, tracking: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """:func:`~peftbench.runner.execute_run` under the run's claim; None, running nothing, when the run is not ours
-    to run (another live runner holds it, or finished it since we planned: see :func:`holding`)."""
+    to run (another live runner holds it, or finished it since we planned: see :func:`holding`). ``tracking``: the
+    study's ``[tracking]`` (the experiment trackers the run is also logged to, once its files are written)."""
     with holding(store, run.run_id, owner, seen) as ours:
         if not ours:
             return None
-        with heartbeat(store, run.run_id, owner):
-            return execute_run(run, store, device, position)
+        with heartbeat(store, run.run_id, owner), trackers.RunTracking(tracking, run, store.root) as tracked:
+            result = execute_run(run, store, device, position, epoch_hook=tracked.log_epoch)
+            tracked.finish(result)
+            return result
 
 
 def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: str) -> dict[str, Any] | None:
@@ -196,13 +200,14 @@ def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: 
 
 
 def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen: Any,
-                   threads: int) -> dict[str, Any] | None:
+                   threads: int, tracking: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The Ray task: one run into the shared store, in a worker process."""
     import torch
 
     torch.set_num_threads(threads)  # metrics match the local executor's only at the same thread count
     progress.quiet_libraries()
-    return execute_claimed(RunConfig.from_dict(run), Store(root), pick_device(device), owner, seen)
+    return execute_claimed(RunConfig.from_dict(run), Store(root), pick_device(device), owner, seen,
+                           tracking=tracking)
 
 
 def run_ray(study: Study, store: str | Path | None = None, device: str = "auto", retry_failed: bool = True,
@@ -226,6 +231,7 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
     import ray
 
     store_obj = Store(Path(store or study.store).resolve())  # workers may start elsewhere: an absolute path
+    trackers.check(study.tracking)
     summary, todo = plan_runs(study, store_obj, retry_failed, runs)
     if not todo:
         return summary
@@ -242,8 +248,8 @@ def run_ray(study: Study, store: str | Path | None = None, device: str = "auto",
                                               retry_exceptions=False, runtime_env={"env_vars": quiet})
     owner = new_owner("ray")
     seen = {run.run_id: store_obj.stamp(run.run_id) for run in todo}
-    pending = {task.remote(run.to_dict(), str(store_obj.root), device, owner, seen[run.run_id], threads): run
-               for run in todo}
+    pending = {task.remote(run.to_dict(), str(store_obj.root), device, owner, seen[run.run_id], threads,
+                           study.tracking): run for run in todo}
     bar = progress.bar(total=len(todo), desc=f"study {study.name} (ray)", unit="run")
     try:
         while pending:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -126,9 +126,11 @@ def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
             p.features[split] = out
 
 
-def execute_run(run: RunConfig, store: Store, device: torch.device, position: int = 1) -> dict[str, Any]:
+def execute_run(run: RunConfig, store: Store, device: torch.device, position: int = 1,
+                epoch_hook: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one run into the store. Failures are recorded in the run's result, never raised
-    (KeyboardInterrupt excepted: the half-built run is then simply discarded)."""
+    (KeyboardInterrupt excepted: the half-built run is then simply discarded). ``epoch_hook`` gets each epoch's
+    ``metrics.jsonl`` row once it is written (the experiment trackers)."""
     run_id = run.run_id
     writer = store.writer(run_id, run.to_dict())
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -140,7 +142,7 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
             if methods.is_baseline(run.method):
                 body = _run_baseline(run, store, writer, env)
             else:
-                body = _train_and_evaluate(run, store, device, writer, env, position)
+                body = _train_and_evaluate(run, store, device, writer, env, position, epoch_hook)
         result.update(body)
         result["costs"]["peak_memory_mb"] = mem.peak / 2**20
         result["costs"]["peak_memory_kind"] = mem.kind
@@ -164,7 +166,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writer: RunWriter, env: dict,
-                        position: int) -> dict[str, Any]:
+                        position: int, epoch_hook: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     splits = get_splits(run.dataset)
     tokenizer = load_tokenizer(run.model)
     cfg = run.train
@@ -242,6 +244,8 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
                              f"{row['val_accuracy']:.4f}, {row['examples_per_s']:.0f} ex/s"
                              + (f"; run ETA {left}" if left else ""))
             writer.append_epoch(row)
+            if epoch_hook:
+                epoch_hook(row)
 
         history, best_epoch, train_time = train(
             model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, device, set_train_mode,
