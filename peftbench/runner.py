@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from peftbench import baselines, flops, methods, progress
+from peftbench import baselines, dropout, flops, methods, progress
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, encode_frame, load_splits, make_batches, split_batch
 from peftbench.engine import TrainSettings, autocast, bf16_supported, predict, train
@@ -199,6 +199,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
                  length_buckets=cfg.get("length_buckets", True), type_ids=segment_ids(encoded, backbone.model))
     bf16 = cfg["bf16"] and bf16_supported(device)
     frozen_bf16 = methods.hold_frozen_in_bf16(model) if cfg.get("bf16_weights") and bf16 else 0
+    fast_dropout = dropout.use_fast_dropout(model, device) if cfg.get("fast_dropout") else 0
     max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
     cache_time = 0.0
@@ -223,7 +224,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
              "attention": getattr(getattr(backbone.model, "config", None), "_attn_implementation", None),
              "frozen_features_cached": bool(p.features), "merged_for_eval": False,
              "gradient_checkpointing": bool(cfg.get("gradient_checkpointing")), "bf16_weights": frozen_bf16 > 0,
-             "bf16_weight_params": frozen_bf16}
+             "bf16_weight_params": frozen_bf16, "fast_dropout": fast_dropout > 0}
     if methods.METHODS[run.method].trains:
         first = p.steps("train", cfg["batch_size"], run.seed * 1000 + 1, max_tokens)
         speed["padding_pct"] = p.padding_pct(first)
