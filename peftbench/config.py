@@ -80,6 +80,8 @@ TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
                                "checkpointing, non-reentrant): much less activation memory for big models, slower"),
     "bf16_weights": (bool, False, "hold the frozen pretrained weights in bfloat16 (trainable parameters and their "
                      "optimizer state stay fp32); only with bf16 autocast, else ignored (recorded per run)"),
+    "fast_dropout": (bool, False, "CPU: dropout masks from bulk random bits (numpy SFC64 seeded by torch's generator; "
+                     "the same Bernoulli(1-p) masks, cheaper to draw), attention-probability dropout included"),
 }
 TRAIN_CHOICES = {
     "lr_scheduler": ("linear", "cosine", "constant"),

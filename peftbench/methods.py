@@ -93,7 +93,8 @@ EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size", "max_length", "max_tokens_per_batch",
 
 # Settings added after runs were stored: at these values they are left out of the run config (and so out of the run
 # id), so every run stored before they existed keeps its id; code reads them with ``.get(key, default)``.
-OMITTED_AT_DEFAULT = {"head": "all", "head_lr": None, "gradient_checkpointing": False, "bf16_weights": False}
+OMITTED_AT_DEFAULT = {"head": "all", "head_lr": None, "gradient_checkpointing": False, "bf16_weights": False,
+                      "fast_dropout": False}
 
 # ``target_modules`` presets besides explicit names (see ``resolve_targets``).
 TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")

@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from peftbench import baselines, methods, progress
+from peftbench import baselines, dropout, flops, methods, progress
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, encode_frame, load_splits, make_batches, split_batch
-from peftbench.engine import TrainSettings, bf16_supported, predict, train
+from peftbench.engine import TrainSettings, autocast, bf16_supported, predict, train
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
@@ -109,6 +109,13 @@ class Prepared:
 
     def collate(self, split: str, idx: np.ndarray) -> dict[str, torch.Tensor]:
         return collate(self.ids[split], idx, self.pad_id, self.type_ids.get(split))
+
+    def example_inputs(self, length: int) -> dict[str, torch.Tensor]:
+        """Model inputs of one example of ``length`` tokens (the first training text's tokens, repeated), for
+        counting FLOPs."""
+        ids = (self.ids["train"][0] * length)[:length]
+        types = [[0] * length] if self.type_ids else None
+        return {k: v.to(self.device) for k, v in collate([ids], np.zeros(1, dtype=int), self.pad_id, types).items()}
 
 
 def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
@@ -194,6 +201,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
                  length_buckets=cfg.get("length_buckets", True), type_ids=segment_ids(encoded, backbone.model))
     bf16 = cfg["bf16"] and bf16_supported(device)
     frozen_bf16 = methods.hold_frozen_in_bf16(model) if cfg.get("bf16_weights") and bf16 else 0
+    fast_dropout = dropout.use_fast_dropout(model, device) if cfg.get("fast_dropout") else 0
     max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
     cache_time = 0.0
@@ -218,7 +226,7 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
              "attention": getattr(getattr(backbone.model, "config", None), "_attn_implementation", None),
              "frozen_features_cached": bool(p.features), "merged_for_eval": False,
              "gradient_checkpointing": bool(cfg.get("gradient_checkpointing")), "bf16_weights": frozen_bf16 > 0,
-             "bf16_weight_params": frozen_bf16}
+             "bf16_weight_params": frozen_bf16, "fast_dropout": fast_dropout > 0}
     if methods.METHODS[run.method].trains:
         first = p.steps("train", cfg["batch_size"], run.seed * 1000 + 1, max_tokens)
         speed["padding_pct"] = p.padding_pct(first)
@@ -251,12 +259,14 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
             model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, device, set_train_mode,
             on_epoch, optimizer=optimizer, after_step=methods.step_hook(run.method, model, run.method_params))
         bar.close()
+    train_flops = _train_flops(p, history, bf16, set_train_mode)
     adapter_size = methods.save_weights(run.method, model, writer.weights_dir, base_model=portable_model_id(run.model))
     _write_spectrum(writer, model, pretrained)
     if cfg.get("merge_for_eval", True) and methods.METHODS[run.method].trains:
         p.model = methods.merge_for_inference(run.method, model)  # saved already: predict at the plain model's cost
         speed["merged_for_eval"] = p.model is not model
 
+    eval_flops = _eval_flops(p, bf16)
     start = time.perf_counter()
     val_metrics, _ = evaluate("validation")
     test_metrics, test_probs = evaluate("test")
@@ -278,10 +288,35 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
                   "train_examples_per_s": examples_trained / train_time if train_time else None,
                   "eval_time_s": eval_time, "eval_examples_per_s": n_eval / eval_time if eval_time else None,
                   "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features),
-                  "feature_cache_s": cache_time},
+                  "feature_cache_s": cache_time,
+                  "train_flops": train_flops, "train_flops_per_s": flops.utilisation(train_flops, train_time),
+                  "eval_flops": eval_flops, "eval_flops_per_s": flops.utilisation(eval_flops, eval_time)},
         "pooling": backbone.pooling,
         "speed": speed,
     }
+
+
+def _train_flops(p: Prepared, history: list, bf16: bool, set_train_mode) -> int | None:
+    """Model FLOPs of the training (:mod:`peftbench.flops`): forward + backward per trained example and epoch, or
+    the one cached forward pass of a frozen encoder over every split."""
+    if not history:
+        return None
+    lengths = [len(x) for x in p.ids["train"]]
+    if p.features:  # the encoder ran once over every split, in eval mode
+        p.model.eval()
+        poly = flops.model_polynomial(p.model, p.example_inputs, False, lambda: autocast(p.device, bf16))
+        return flops.total(poly, [len(x) for split in p.ids for x in p.ids[split]])
+    set_train_mode()
+    poly = flops.model_polynomial(p.model, p.example_inputs, True, lambda: autocast(p.device, bf16))
+    return flops.total(poly, lengths) * len(history)
+
+
+def _eval_flops(p: Prepared, bf16: bool) -> int:
+    """Model FLOPs of predicting the validation and test splits once (the head only on cached features)."""
+    p.model.eval()
+    lengths = [len(x) for split in ("validation", "test") for x in p.ids[split]]
+    poly = flops.model_polynomial(p.model, p.example_inputs, False, lambda: autocast(p.device, bf16))
+    return poly[0] * len(lengths) if p.features else flops.total(poly, lengths)
 
 
 def _snapshot_for_spectrum(run: RunConfig, backbone) -> dict[str, Any] | None:
