@@ -290,22 +290,9 @@ def cmd_evaluate(args) -> int:
 
 def _report_target(args):
     """(store, run ids or None, study or None, sequential record or None) of ``report``/``plan``'s argument."""
-    from peftbench.store import Store
+    from peftbench.report import report_target
 
-    target = Path(args.target)
-    study, record = None, None
-    if target.is_file():
-        study = load_study(target, args.set)
-        store = Path(args.store or study.store)
-        run_ids = [r.run_id for r in expand_runs(study)]
-        record = Store(store).read_sequential(study.name)
-        if record:
-            run_ids = list(dict.fromkeys(run_ids + record["run_ids"]))
-    else:
-        store, run_ids = target, None
-    if not Store(store).run_ids():
-        raise ConfigError(f"{store}: no finished runs to report on")
-    return store, run_ids, study, record
+    return report_target(args.target, args.set, args.store, getattr(args, "study", None))
 
 
 def cmd_report(args) -> int:
