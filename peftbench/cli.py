@@ -7,7 +7,8 @@
     peftbench ls [STORE]                                               # runs with status and key metrics
     peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
     peftbench evaluate RUN_DIR [--dataset SOURCE] [--split test]
-    peftbench report [STORE or STUDY.toml]
+    peftbench report [STORE or STUDY.toml] [--study NAME]
+    peftbench compare STORE_OR_STUDY [STORE_OR_STUDY ...] --out DIR   # studies side by side
     peftbench export RUN_DIR OUT [--merge] [--push-to-hub REPO]        # a model transformers / peft loads
     peftbench predict RUN_DIR --input texts.csv --output preds.csv     # classify new texts
 
@@ -304,18 +305,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from peftbench.report.compare import write_comparison
+
+    out = write_comparison(args.targets, args.out, args.set, args.store)
+    print(f"comparison: {Path(out).resolve() / 'report.md'}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from peftbench.report import study_analysis
     from peftbench.report.document import plan_display, verdict_display
+    from peftbench.report.verdict import UNDECIDED
 
     store, run_ids, study, record = _report_target(args)
     v = study_analysis(store, run_ids, study, record)["verdicts"]
     if not len(v):
         print("no verdicts: no reference arm with a comparison among the successful runs")
         return 0
-    print(verdict_display(v)[["Arm", "Reference", "Seeds arm / ref", "Test examples", "Δ (pts)", "CI of Δ",
-                              "Verdict"]].to_string(index=False))
+    several = v["study"].nunique(dropna=False) > 1  # a store of several studies: each row names its study
+    shown = verdict_display(v)[["Arm", "Reference", "Seeds arm / ref", "Test examples", "Δ (pts)", "CI of Δ",
+                                "Verdict"]]
+    if several:
+        shown.insert(0, "Study", v["study"].to_numpy())
+    print(shown.to_string(index=False))
     plan = plan_display(v)
+    if several and len(plan):
+        plan.insert(0, "Study", v.loc[v["verdict"] == UNDECIDED, "study"].to_numpy())
     if len(plan):
         print("\nwhat would decide the undecided comparisons with 80% power:")
         print(plan.to_string(index=False))
@@ -433,11 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, plots and a verdict from a store or a study's runs")
     p.add_argument("target", nargs="?", default="runs", help="store folder or study file")
     p.add_argument("--out", default=None, help="report folder (default: STORE/report)")
+    p.add_argument("--study", default=None, metavar="NAME", help="only the runs of the study of this name (a store "
+                   "of several studies is otherwise reported with one section per study)")
     common(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("compare", help="studies or stores side by side (same arms, other datasets or models): a "
+                       "table with one column group per study, and each study's verdicts")
+    p.add_argument("targets", nargs="+", metavar="STORE_OR_STUDY", help="store folders or study files")
+    p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier comparison)")
+    common(p)
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("plan", help="verdicts and the seeds / test examples that would decide the undecided ones")
     p.add_argument("target", nargs="?", default="runs", help="store folder or study file")
+    p.add_argument("--study", default=None, metavar="NAME", help="only the runs of the study of this name")
     common(p)
     p.set_defaults(func=cmd_plan)
 
