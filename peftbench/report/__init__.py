@@ -452,7 +452,7 @@ def _write_files(out: Path, analysis: dict[str, Any], figs: dict, meta: dict[str
     (out / "report.html").write_text(render.html_page(md_blocks, f"peftbench report: {title}"), encoding="utf-8")
     has_arms = len(analysis["table"]) > 0
     parts = analysis.get("studies") or {}
-    shown = document.arm_display(analysis["table"], settings["metric"])
+    shown = document.arm_display(analysis["table"], settings["metric"]) if has_arms else None
     if parts and has_arms:  # several studies: each row names its study
         shown.insert(0, "Study", [_study_label(x) for x in analysis["table"]["study"]])
     (out / "table.md").write_text(render.markdown_table(shown) + "\n" if has_arms else "_(no successful runs)_\n",

@@ -59,6 +59,11 @@ def ensure_columns(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def with_study(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``study`` column (empty when it has none: a hand-made frame of one study)."""
+    return frame if "study" in frame.columns else frame.assign(study=np.nan)
+
+
 def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that did not succeed: run id, arm, seed and the one-line error."""
     bad = runs[runs["status"] != "success"]
@@ -83,7 +88,7 @@ def nuisance_scores(runs: pd.DataFrame, selection_metric: str = "accuracy") -> p
     """One row per (arm, nuisance setting) of the successful runs: mean validation score over seeds, number of seeds,
     and ``chosen`` — the best validation score of its arm (ties: more seeds, then the first setting). Test scores
     play no part in the choice."""
-    ok = runs[runs["status"] == "success"]
+    ok = with_study(runs[runs["status"] == "success"])
     col = f"val_{selection_metric}"
     rows = []
     for key, arm_runs in ok.groupby(ARM_KEY, sort=False, dropna=False):
@@ -109,7 +114,7 @@ def select_nuisance(runs: pd.DataFrame, selection_metric: str = "accuracy") -> p
     """The successful runs of each arm's chosen nuisance setting (see :func:`nuisance_scores`)."""
     scores = nuisance_scores(runs, selection_metric)
     chosen = scores.loc[scores["chosen"], ARM_KEY + ["nuisance", "setting"]]
-    ok = runs[runs["status"] == "success"]
+    ok = with_study(runs[runs["status"] == "success"])
     return ok.merge(chosen, on=ARM_KEY + ["nuisance"], how="inner")
 
 
@@ -157,7 +162,7 @@ def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
     Parameter counts, training time, throughput, peak memory and adapter size are means over seeds (NaN = not
     applicable, e.g. no adapter)."""
     rows = []
-    for key, g in selected.groupby(ARM_KEY, sort=False, dropna=False):
+    for key, g in with_study(selected).groupby(ARM_KEY, sort=False, dropna=False):
         first = g.iloc[0]
         row: dict[str, Any] = {**dict(zip(ARM_KEY, key)), "method": first["method"], "r": first["r"],
                                "lr": first["lr"], "lr_scheduler": first["lr_scheduler"], "setting": first["setting"],
@@ -204,7 +209,7 @@ def tuning_curves(scores: pd.DataFrame, selection_metric: str = "accuracy") -> p
     arm of a study × model × dataset group whose arms were tuned over different numbers of settings (an unfair
     comparison: more trials alone raise the expected best)."""
     rows = []
-    for key, g in scores.groupby(ARM_KEY, sort=False, dropna=False):
+    for key, g in with_study(scores).groupby(ARM_KEY, sort=False, dropna=False):
         curve = expected_max(g["val_score"], higher_is_better(selection_metric))
         rows += [{**dict(zip(ARM_KEY, key)), "trials": n + 1, "of": len(curve), "expected_best": v}
                  for n, v in enumerate(curve)]
@@ -239,7 +244,7 @@ def lr_readout(scores: pd.DataFrame, reference: str = "full",
     if not len(scores):
         return pd.DataFrame(columns=summary_cols), pd.DataFrame(columns=grid_cols)
     higher = higher_is_better(selection_metric)
-    scores = scores.assign(lr=[_lr_of(n) for n in scores["nuisance"]])
+    scores = with_study(scores).assign(lr=[_lr_of(n) for n in scores["nuisance"]])
     summary, grid = [], []
     for _, group in scores.groupby(GROUP_KEY, sort=False, dropna=False):
         ref = find_reference(group, reference)
@@ -286,7 +291,7 @@ def efficiency(table: pd.DataFrame, reference: str = "full", metric: str = "accu
     reference), training-time saving %, trainable-parameter reduction % and peak-memory saving % (positive = the arm
     uses less)."""
     rows = []
-    for (study, model, dataset), group in table.groupby(GROUP_KEY, sort=False, dropna=False):
+    for (study, model, dataset), group in with_study(table).groupby(GROUP_KEY, sort=False, dropna=False):
         ref = find_reference(group, reference)
         if ref is None:
             continue
