@@ -319,11 +319,12 @@ def cmd_plan(args) -> int:
     from peftbench.report.verdict import UNDECIDED
 
     store, run_ids, study, record = _report_target(args)
-    v = study_analysis(store, run_ids, study, record)["verdicts"]
+    analysis = study_analysis(store, run_ids, study, record)
+    v = analysis["verdicts"]
     if not len(v):
         print("no verdicts: no reference arm with a comparison among the successful runs")
         return 0
-    several = v["study"].nunique(dropna=False) > 1  # a store of several studies: each row names its study
+    several = "studies" in analysis  # a store of several studies: each row names its study
     shown = verdict_display(v)[["Arm", "Reference", "Seeds arm / ref", "Test examples", "Δ (pts)", "CI of Δ",
                                 "Verdict"]]
     if several:

@@ -153,9 +153,10 @@ def prediction_checks(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame]) 
 
 def group_verdicts(group: pd.DataFrame, ref: pd.Series | None, preds: dict[str, dict], settings: dict[str, Any],
                    num_labels: int | None, metric: str) -> pd.DataFrame:
-    """Every arm of one study × model × dataset group against its reference (:mod:`peftbench.report.verdict`): one-sided tests
-    at the study's level, Holm-adjusted over the arms still open. With a sequential record (``--until-decided``), an
-    arm decided at an earlier look keeps that look's verdict and numbers (group-sequential: a decision is final)."""
+    """Every arm of one study × model × dataset group against its reference (:mod:`peftbench.report.verdict`):
+    one-sided tests at the study's level, Holm-adjusted over the arms still open. With a sequential record
+    (``--until-decided``), an arm decided at an earlier look keeps that look's verdict and numbers (group-sequential:
+    a decision is final)."""
     if ref is None:
         return pd.DataFrame()
     decided = (settings.get("sequential") or {}).get("decided", {})

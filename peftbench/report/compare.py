@@ -58,11 +58,12 @@ def _labels(cols: list[dict[str, Any]]) -> list[str]:
     """The study name; with the dataset and model when study names repeat; with the store folder when those repeat
     too; numbered as a last resort."""
     levels = [[_study_label(c["study"]), f"{c['dataset']} · {c['model']}", Path(c["store"]).name] for c in cols]
-    for k in (1, 2, 3):
-        labels = [" · ".join(parts[:k]) for parts in levels]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    labels = [parts[0] for parts in levels]
+    for k in (2, 3):
+        repeated = {label for label in labels if labels.count(label) > 1}
+        labels = [" · ".join(parts[:k]) if label in repeated else label for label, parts in zip(labels, levels)]
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} #{i + 1}" if label in repeated else label for i, label in enumerate(labels)]
 
 
 def side_by_side(cols: list[dict[str, Any]]) -> pd.DataFrame:
