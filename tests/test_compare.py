@@ -15,7 +15,8 @@ import pytest
 from peftbench import load_results
 from peftbench.cli import main
 from peftbench.report import analyse, load_curves, load_predictions, load_runs, settings_of, study_analysis
-from peftbench.report.compare import side_by_side, column_groups
+from peftbench.report.compare import column_groups, side_by_side
+from tests.conftest import write_study
 from tests.test_report import N_TEST, correct_mask, predictions, toy_split, write_run
 
 TEST = toy_split()
@@ -170,3 +171,20 @@ def test_load_results_columns(two_studies):
     assert (lora["param_r"] == lora["r"]).all() and (lora["train_lr"] == lora["lr"]).all()
     assert lora.loc["small", "dataset_max_train"].tolist() == [200] * 3
     assert np.isnan(lora.loc["demo", "dataset_max_train"].astype(float)).all()
+
+
+def test_compare_a_study_file_with_a_store(tmp_path, tiny_bert, tiny_data, two_studies):
+    """A study file is read as `peftbench report STUDY` reads it: its runs in its store, its [report] settings."""
+    arms = '[[arms]]\nmethod = "untrained"\n\n[[arms]]\nmethod = "frozen"\nlr = 1e-1\n'
+    study = write_study(tmp_path / "tiny.toml", tiny_bert, tiny_data, arms,
+                        extra='[report]\nreference = "frozen"\nmargin = 5.0\n', seeds="[0, 1]")
+    store = tmp_path / "runs"
+    assert main(["run", str(study), "--store", str(store), "--no-report", "--set", "train.epochs=1",
+                 "--set", "datasets.tiny.max_train=64"]) == 0
+    cols = column_groups([study, two_studies], ["train.epochs=1", "datasets.tiny.max_train=64"], store)
+    assert [c["label"] for c in cols] == ["tiny", "demo", "small"]
+    assert cols[0]["settings"]["reference"] == "frozen" and cols[0]["settings"]["margin"] == 5.0
+    long = side_by_side(cols).set_index(["column", "arm"])
+    assert long.loc[("tiny", "frozen"), "verdict"] == "reference"
+    assert long.loc[("tiny", "untrained"), "margin"] == 5.0 and long.loc[("demo", "full"), "margin"] == 1.0
+    assert long.loc[("tiny", "untrained"), "mean"] == pytest.approx(_accuracy(store, "tiny", "untrained"))
