@@ -12,6 +12,8 @@ Example::
     ['plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
 
 or from the shell: ``peftbench report runs`` (a store) or ``peftbench report studies/demo.toml`` (a study's runs).
+Runs of different studies are never pooled: a store of several studies is reported with one section per study
+(``--study NAME`` reports one); :mod:`peftbench.report.compare` puts studies side by side.
 """
 
 from __future__ import annotations
@@ -310,7 +312,7 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
     names = study_names(runs)
     if len(names) > 1:
         parts = {name: analyse(of_study(runs, name), predictions, curves, settings) for name in names}
-        return {**combined(list(parts.values())), "settings": settings, "runs": runs, "studies": parts}
+        return {**combined(parts), "settings": settings, "runs": runs, "studies": parts}
     scores = tables.nuisance_scores(runs, settings["selection_metric"])
     selected = tables.select_nuisance(runs, settings["selection_metric"])
     table = tables.arm_table(selected)
@@ -332,19 +334,17 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
             "checks": prediction_checks(runs, predictions), "lr_readout": lr_summary, "lr_grid": lr_grid}
 
 
-def combined(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The analyses of several studies as one: each table concatenated (its rows name their study), the groups and
-    data sections one after the other."""
+def combined(parts: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The analyses of several studies (study → analysis) as one: each table concatenated (its rows name their
+    study), the groups and the data sections (each naming its study) one after the other."""
+    first = next(iter(parts.values()))
     out: dict[str, Any] = {}
-    for key, value in parts[0].items():
+    for key, value in first.items():
         if isinstance(value, pd.DataFrame):
-            frames = [p[key] for p in parts if len(p[key])]
+            frames = [p[key] for p in parts.values() if len(p[key])]
             out[key] = pd.concat(frames, ignore_index=True) if frames else value
-        elif key == "data":
-            out[key] = [{"study": None if (r := p["runs"]["study"]).isna().all() else r.iloc[0], **d}
-                        for p in parts for d in p["data"]]
-        elif key == "groups":
-            out[key] = [g for p in parts for g in p["groups"]]
+    out["groups"] = [g for p in parts.values() for g in p["groups"]]
+    out["data"] = [{"study": name, **d} for name, p in parts.items() for d in p["data"]]
     return out
 
 
