@@ -8,7 +8,8 @@
     peftbench ls [STORE]                                               # runs with status and key metrics
     peftbench train --method lora --r 18 --lora-alpha 36 --lr 3e-4     # one run from flags
     peftbench evaluate RUN_DIR [--dataset SOURCE] [--split test]
-    peftbench report [STORE or STUDY.toml]
+    peftbench report [STORE or STUDY.toml] [--study NAME]
+    peftbench compare STORE_OR_STUDY [STORE_OR_STUDY ...] --out DIR   # studies side by side
     peftbench export RUN_DIR OUT [--merge] [--push-to-hub REPO]        # a model transformers / peft loads
     peftbench predict RUN_DIR --input texts.csv --output preds.csv     # classify new texts
 
@@ -313,22 +314,9 @@ def cmd_evaluate(args) -> int:
 
 def _report_target(args):
     """(store, run ids or None, study or None, sequential record or None) of ``report``/``plan``'s argument."""
-    from peftbench.store import Store
+    from peftbench.report import report_target
 
-    target = Path(args.target)
-    study, record = None, None
-    if target.is_file():
-        study = load_study(target, args.set)
-        store = Path(args.store or study.store)
-        run_ids = [r.run_id for r in expand_runs(study)]
-        record = Store(store).read_sequential(study.name)
-        if record:
-            run_ids = list(dict.fromkeys(run_ids + record["run_ids"]))
-    else:
-        store, run_ids = target, None
-    if not Store(store).run_ids():
-        raise ConfigError(f"{store}: no finished runs to report on")
-    return store, run_ids, study, record
+    return report_target(args.target, args.set, args.store, getattr(args, "study", None))
 
 
 def cmd_report(args) -> int:
@@ -340,18 +328,34 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from peftbench.report.compare import write_comparison
+
+    out = write_comparison(args.targets, args.out, args.set, args.store)
+    print(f"comparison: {Path(out).resolve() / 'report.md'}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from peftbench.report import study_analysis
     from peftbench.report.document import plan_display, verdict_display
+    from peftbench.report.verdict import UNDECIDED
 
     store, run_ids, study, record = _report_target(args)
-    v = study_analysis(store, run_ids, study, record)["verdicts"]
+    analysis = study_analysis(store, run_ids, study, record)
+    v = analysis["verdicts"]
     if not len(v):
         print("no verdicts: no reference arm with a comparison among the successful runs")
         return 0
-    print(verdict_display(v)[["Arm", "Reference", "Seeds arm / ref", "Test examples", "Δ (pts)", "CI of Δ",
-                              "Verdict"]].to_string(index=False))
+    several = "studies" in analysis  # a store of several studies: each row names its study
+    shown = verdict_display(v)[["Arm", "Reference", "Seeds arm / ref", "Test examples", "Δ (pts)", "CI of Δ",
+                                "Verdict"]]
+    if several:
+        shown.insert(0, "Study", v["study"].to_numpy())
+    print(shown.to_string(index=False))
     plan = plan_display(v)
+    if several and len(plan):
+        plan.insert(0, "Study", v.loc[v["verdict"] == UNDECIDED, "study"].to_numpy())
     if len(plan):
         print("\nwhat would decide the undecided comparisons with 80% power:")
         print(plan.to_string(index=False))
@@ -472,11 +476,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, plots and a verdict from a store or a study's runs")
     p.add_argument("target", nargs="?", default="runs", help="store folder or study file")
     p.add_argument("--out", default=None, help="report folder (default: STORE/report)")
+    p.add_argument("--study", default=None, metavar="NAME", help="only the runs of the study of this name (a store "
+                   "of several studies is otherwise reported with one section per study)")
     common(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("compare", help="studies or stores side by side (same arms, other datasets or models): a "
+                       "table with one column group per study, and each study's verdicts")
+    p.add_argument("targets", nargs="+", metavar="STORE_OR_STUDY", help="store folders or study files")
+    p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier comparison)")
+    common(p)
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("plan", help="verdicts and the seeds / test examples that would decide the undecided ones")
     p.add_argument("target", nargs="?", default="runs", help="store folder or study file")
+    p.add_argument("--study", default=None, metavar="NAME", help="only the runs of the study of this name")
     common(p)
     p.set_defaults(func=cmd_plan)
 

@@ -56,13 +56,15 @@ def correct_mask(n: int, accuracy: float, seed: int) -> np.ndarray:
 
 def write_run(store: Path, arm: str, method: str, seed: int, lr: float, preds: pd.DataFrame | None = None,
               val_accuracy: float = 0.8, status: str = "success", error: str | None = None, r: int | None = None,
-              trainable: int | None = None, train_time: float = 10.0, with_params: bool = True,
-              labels: list[str] = LABELS, dataset: str = "toy", costs: dict | None = None) -> str:
-    """One run folder per docs/design.md; returns its run id. ``costs``: extra result.json costs (an llm's
-    ``estimated_cost_usd``)."""
+              trainable: int | None = None, train_time: float = 10.0, with_params: bool = True, study: str = "toy",
+              labels: list[str] = LABELS, dataset: str | dict = "toy", costs: dict | None = None) -> str:
+    """One run folder per docs/design.md (of ``study``); returns its run id. ``dataset``: its name, or extra dataset
+    settings (a dict, on dataset ``toy``); ``costs``: extra result.json costs (an llm's ``estimated_cost_usd``)."""
     mparams = {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.1, "target_modules": ["query", "value"],
                "bias": "none"} if r else {}
-    run = RunConfig(study="toy", arm=arm, model="tiny", dataset={"name": dataset, "source": f"builtin:{dataset}"},
+    spec = ({"name": dataset, "source": f"builtin:{dataset}"} if isinstance(dataset, str)
+            else {"name": "toy", "source": "builtin:toy", **(dataset or {})})
+    run = RunConfig(study=study, arm=arm, model="tiny", dataset=spec,
                     method=method, method_params=mparams, train={"lr": lr, "lr_scheduler": "linear", "epochs": 2},
                     seed=seed)
     folder = store / run.run_id

@@ -48,6 +48,7 @@ OTHER_WRITERS = {
     ("peftbench.report", "_write_files"): "the report folder being built (store.fresh_sibling)",
     ("peftbench.report.plots", "png"): "a figure into an in-memory buffer",
     ("peftbench.methods", "save_weights"): "a run's weights, into RunWriter.weights_dir (see the test below)",
+    ("peftbench.report.compare", "write_comparison"): "the comparison folder being built (store.fresh_sibling)",
     ("peftbench.trackers", "MlflowTracker.__init__"): "the MLflow tracking folder, STORE/.mlflow/",
     ("peftbench.trackers", "WandbTracker.__init__"): "the W&B offline folder, STORE/.wandb/",
 }

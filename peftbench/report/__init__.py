@@ -12,6 +12,8 @@ Example::
     ['per_class.csv', 'plots', 'report.html', 'report.md', 'results.csv', 'results.json', 'runs.csv', 'table.md', 'table.tex']
 
 or from the shell: ``peftbench report runs`` (a store) or ``peftbench report studies/demo.toml`` (a study's runs).
+Runs of different studies are never pooled: a store of several studies is reported with one section per study
+(``--study NAME`` reports one); :mod:`peftbench.report.compare` puts studies side by side.
 """
 
 from __future__ import annotations
@@ -88,6 +90,36 @@ def load_curves(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def report_target(target: str | Path, overrides: list[str] | None = None, store: str | Path | None = None,
+                  study_name: str | None = None) -> tuple[Path, list[str] | None, Any, dict[str, Any] | None]:
+    """What ``peftbench report`` / ``plan`` / ``compare`` read for ``target``, a study file or a store folder:
+    ``(store, run ids or None, study or None, sequential record or None)``. A study file gives its own runs (and those
+    ``--until-decided`` added), in its store (``store`` overrides it); ``study_name`` keeps only the runs of the study
+    of that name. ConfigError (one line) when there is nothing to report on."""
+    from peftbench.config import ConfigError, expand_runs, load_study
+
+    path = Path(target)
+    study, record = None, None
+    if path.is_file():
+        study = load_study(path, overrides)
+        root = Path(store or study.store)
+        run_ids = [r.run_id for r in expand_runs(study)]
+        record = Store(root).read_sequential(study.name)
+        if record:
+            run_ids = list(dict.fromkeys(run_ids + record["run_ids"]))
+    else:
+        root, run_ids = path, None
+    if not Store(root).run_ids():
+        raise ConfigError(f"{root}: no finished runs to report on")
+    if study_name is not None:
+        results = Store(root).results(run_ids)
+        run_ids = [r["run_id"] for r in results if (r.get("config") or {}).get("study") == study_name]
+        if not run_ids:
+            names = sorted({str((r.get("config") or {}).get("study")) for r in results})
+            raise ConfigError(f"{root}: no runs of study '{study_name}' (studies here: {', '.join(names)})")
+    return root, run_ids, study, record
+
+
 def settings_of(study: Any = None) -> dict[str, Any]:
     """The study's [report] settings (checked when the study was loaded) over the defaults (reference 'full',
     accuracy, margin 1 point)."""
@@ -114,16 +146,18 @@ def prediction_checks(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame]) 
     for _, row in runs[runs["run_id"].isin(list(predictions))].iterrows():
         again = errors.recomputed_accuracy(predictions[row["run_id"]])
         stored = row["test_accuracy"]
-        rows.append({"run_id": row["run_id"], "arm": row["arm"], "seed": row["seed"], "stored": stored,
-                     "recomputed": again, "match": bool(pd.notna(stored) and abs(again - stored) < 1e-9)})
-    return pd.DataFrame(rows, columns=["run_id", "arm", "seed", "stored", "recomputed", "match"])
+        rows.append({"run_id": row["run_id"], "study": row.get("study"), "arm": row["arm"], "seed": row["seed"],
+                     "stored": stored, "recomputed": again,
+                     "match": bool(pd.notna(stored) and abs(again - stored) < 1e-9)})
+    return pd.DataFrame(rows, columns=["run_id", "study", "arm", "seed", "stored", "recomputed", "match"])
 
 
 def group_verdicts(group: pd.DataFrame, ref: pd.Series | None, preds: dict[str, dict], settings: dict[str, Any],
                    num_labels: int | None, metric: str) -> pd.DataFrame:
-    """Every arm of one model × dataset group against its reference (:mod:`peftbench.report.verdict`): one-sided tests
-    at the study's level, Holm-adjusted over the arms still open. With a sequential record (``--until-decided``), an
-    arm decided at an earlier look keeps that look's verdict and numbers (group-sequential: a decision is final)."""
+    """Every arm of one study × model × dataset group against its reference (:mod:`peftbench.report.verdict`):
+    one-sided tests at the study's level, Holm-adjusted over the arms still open. With a sequential record
+    (``--until-decided``), an arm decided at an earlier look keeps that look's verdict and numbers (group-sequential:
+    a decision is final)."""
     if ref is None:
         return pd.DataFrame()
     decided = (settings.get("sequential") or {}).get("decided", {})
@@ -133,7 +167,8 @@ def group_verdicts(group: pd.DataFrame, ref: pd.Series | None, preds: dict[str, 
     for _, cand in group.iterrows():
         if cand["arm"] == ref["arm"]:
             continue
-        head = {"model": model, "dataset": dataset, "arm": cand["arm"], "method": cand["method"],
+        head = {"study": cand.get("study"), "model": model, "dataset": dataset, "arm": cand["arm"],
+                "method": cand["method"],
                 "reference": ref["arm"], "trainable_pct": cand["params_trainable_pct"]}
         earlier = decided.get(sequential_key(model, dataset, cand["arm"]))
         if earlier is not None:
@@ -191,12 +226,13 @@ def with_example_intervals(table: pd.DataFrame, selected: pd.DataFrame,
 
 def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict[str, pd.DataFrame],
                   curves: dict[str, pd.DataFrame], settings: dict[str, Any]) -> dict[str, Any]:
-    """Verdicts, error analysis and curves of one model × dataset group (its rows of the arm table)."""
+    """Verdicts, error analysis and curves of one study × model × dataset group (its rows of the arm table)."""
     metric = settings["metric"]
     paired_metric = metric if metric in PAIRED_METRICS else "accuracy"
     preds = {row["arm"]: arm_predictions(row, selected, predictions) for _, row in group.iterrows()}
     labels = run_labels(selected, " ".join(group["run_ids"]).split())
-    out: dict[str, Any] = {"model": group["model"].iloc[0], "dataset": group["dataset"].iloc[0], "table": group,
+    out: dict[str, Any] = {"study": group["study"].iloc[0], "model": group["model"].iloc[0],
+                           "dataset": group["dataset"].iloc[0], "table": group,
                            "labels": list(labels), "paired_metric": paired_metric}
 
     ref = tables.find_reference(group, settings["reference"])
@@ -264,11 +300,30 @@ def data_sections(runs: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+def study_names(runs: pd.DataFrame) -> list[Any]:
+    """The studies of ``runs`` (their ``study`` labels, None for runs that record none), sorted by name."""
+    names = {None if pd.isna(s) else s for s in runs["study"]} if "study" in runs and len(runs) else set()
+    return sorted(names, key=lambda n: (n is None, str(n)))
+
+
+def of_study(runs: pd.DataFrame, name: Any) -> pd.DataFrame:
+    """The rows of ``runs`` whose study is ``name`` (None: the rows that record no study)."""
+    return runs[runs["study"].isna() if name is None else runs["study"] == name]
+
+
 def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: dict[str, pd.DataFrame],
             settings: dict[str, Any]) -> dict[str, Any]:
     """Everything the report shows, as tables: nuisance choice, arm table, efficiency, per-group verdicts and error
-    analysis, failed runs, prediction checks. Pure."""
+    analysis, failed runs, prediction checks. Pure.
+
+    Runs of different studies are never pooled, even when they share model, dataset and arm label: every table is
+    grouped by study, and when ``runs`` span several studies each is analysed on its own (``analysis["studies"]``:
+    study → its analysis; the top-level tables are theirs, concatenated, each row naming its study)."""
     runs = tables.ensure_columns(runs)
+    names = study_names(runs)
+    if len(names) > 1:
+        parts = {name: analyse(of_study(runs, name), predictions, curves, settings) for name in names}
+        return {**combined(parts), "settings": settings, "runs": runs, "studies": parts}
     scores = tables.nuisance_scores(runs, settings["selection_metric"])
     selected = tables.select_nuisance(runs, settings["selection_metric"])
     table = tables.arm_table(selected)
@@ -290,14 +345,32 @@ def analyse(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], curves: di
             "checks": prediction_checks(runs, predictions), "lr_readout": lr_summary, "lr_grid": lr_grid}
 
 
+def combined(parts: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The analyses of several studies (study → analysis) as one: each table concatenated (its rows name their
+    study), the groups and the data sections (each naming its study) one after the other."""
+    first = next(iter(parts.values()))
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, pd.DataFrame):
+            frames = [p[key] for p in parts.values() if len(p[key])]
+            out[key] = pd.concat(frames, ignore_index=True) if frames else value
+    out["groups"] = [g for p in parts.values() for g in p["groups"]]
+    out["data"] = [{"study": name, **d} for name, p in parts.items() for d in p["data"]]
+    return out
+
+
 def _of_group(frame: pd.DataFrame | None, g: dict[str, Any]) -> pd.DataFrame | None:
     if frame is None or not len(frame):
         return frame
-    return frame[(frame["model"] == g["model"]) & (frame["dataset"] == g["dataset"])]
+    same = (frame["model"] == g["model"]) & (frame["dataset"] == g["dataset"])
+    if "study" in frame and "study" in g:
+        same &= frame["study"].isna() if pd.isna(g["study"]) else frame["study"] == g["study"]
+    return frame[same]
 
 
-def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]:
-    """PNG figures per group key ("model | dataset"): a list of (file name, PNG bytes, caption)."""
+def figures(analysis: dict[str, Any], prefix: str = "") -> dict[str, list[tuple[str, bytes, str]]]:
+    """PNG figures per group key ("dataset · model"): a list of (file name, PNG bytes, caption); file names start
+    with ``prefix`` (one per study in a report of several)."""
     metric = analysis["settings"]["metric"]
     several = len(analysis["groups"]) > 1
     out = {}
@@ -325,8 +398,8 @@ def figures(analysis: dict[str, Any]) -> dict[str, list[tuple[str, bytes, str]]]
                  "spectrum of the learned updates ΔW per arm (chosen runs)"),
                 ("intruders", plots.intruder_curves(spectrum.intruder_curves(g.get("spectra") or {})),
                  "intruder dimensions per run vs similarity threshold ε per arm (chosen runs)")]
-        out[document.group_key(g)] = [(f"{name}{suffix}.png", plots.png(plots.titled(fig, document.group_key(g))),
-                                       caption)
+        out[document.group_key(g)] = [(f"{prefix}{name}{suffix}.png",
+                                       plots.png(plots.titled(fig, document.group_key(g))), caption)
                                       for name, fig, caption in made if fig is not None]
     return out
 
@@ -369,7 +442,7 @@ def write_report(store, run_ids=None, study=None, out_dir=None, sequential: dict
     analysis = study_analysis(store, run_ids, study, sequential)
     settings = analysis["settings"]
     runs = analysis["runs"]
-    figs = figures(analysis)
+    figs = report_figures(analysis)
     title = getattr(study, "name", None) or store.resolve().name
     meta = {"title": title, "store": str(store), "question": getattr(study, "description", "") or "",
             "not_run": len(set(run_ids)) - len(runs) if run_ids is not None else 0}
@@ -393,19 +466,73 @@ def _write_files(out: Path, analysis: dict[str, Any], figs: dict, meta: dict[str
         for name, data, _ in items:
             (plot_dir / name).write_bytes(data)
     has_arms = len(analysis["table"]) > 0
-    (out / "table.md").write_text(render.markdown_table(document.arm_display(analysis["table"], settings["metric"]))
-                                  + "\n" if has_arms else "_(no successful runs)_\n", encoding="utf-8")
-    (out / "table.tex").write_text(render.latex_table(analysis["table"], title) if has_arms else "", encoding="utf-8")
+    parts = analysis.get("studies") or {}
+    shown = document.arm_display(analysis["table"], settings["metric"]) if has_arms else None
+    if parts and has_arms:  # several studies: each row names its study
+        shown.insert(0, "Study", [_study_label(x) for x in analysis["table"]["study"]])
+    (out / "table.md").write_text(render.markdown_table(shown) + "\n" if has_arms else "_(no successful runs)_\n",
+                                  encoding="utf-8")
+    tex = [render.latex_table(p["table"], f"{title}: {_study_label(name)}") for name, p in parts.items()
+           if len(p["table"])] if parts else [render.latex_table(analysis["table"], title)] if has_arms else []
+    (out / "table.tex").write_text("\n".join(tex), encoding="utf-8")
     analysis["table"].to_csv(out / "results.csv", index=False)
     analysis["summary"].to_csv(out / "runs.csv", index=False)
     document.per_class_csv(analysis).to_csv(out / "per_class.csv", index=False)
-    write_json(out / "results.json", document.results_json(analysis, meta))
-    md_blocks = document.blocks(analysis, {k: [(f"plots/{n}", d, c) for n, d, c in v] for k, v in figs.items()}, meta)
+    results = document.results_json(analysis, meta)
+    if parts:
+        for entry, g in zip(results["groups"], analysis["groups"]):
+            entry["study"] = render.jsonable(g["study"])
+        results["studies"] = [render.jsonable(name) for name in parts]
+    write_json(out / "results.json", results)
+    md_blocks = report_blocks(analysis, {k: [(f"plots/{n}", d, c) for n, d, c in v] for k, v in figs.items()}, meta)
     files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
     (out / "report.md").write_text(render.markdown(md_blocks, set(files) | {"report.html", "plots"}),
                                    encoding="utf-8")
     (out / "report.html").write_text(render.html_page(md_blocks, f"peftbench report: {title}",
                                                       {**files, **document.doc_files()}), encoding="utf-8")
+
+
+def _study_label(name: Any) -> str:
+    return "(no study)" if name is None or (isinstance(name, float) and pd.isna(name)) else str(name)
+
+
+def report_figures(analysis: dict[str, Any]) -> dict[Any, list[tuple[str, bytes, str]]]:
+    """:func:`figures`; for a report of several studies, each study's figures (files ``studyN-*.png``) keyed by
+    (study index, group key)."""
+    parts = analysis.get("studies")
+    if not parts:
+        return figures(analysis)
+    return {(i, key): items for i, part in enumerate(parts.values())
+            for key, items in figures(part, prefix=f"study{i + 1}-").items()}
+
+
+def report_blocks(analysis: dict[str, Any], figs: dict[Any, list], meta: dict[str, Any]) -> list[tuple]:
+    """The report as blocks (:func:`peftbench.report.document.blocks`). Several studies: an overview, then one
+    section per study — that study's whole report, its headings one level down."""
+    parts = analysis.get("studies")
+    if not parts:
+        return document.blocks(analysis, figs, meta)
+    runs = analysis["runs"]
+    overview = pd.DataFrame([{"Study": _study_label(name), "Runs": str(len(p["runs"])),
+                              "Succeeded": str(int((p["runs"]["status"] == "success").sum())),
+                              "Arms": str(len(p["table"])),
+                              "Models": ", ".join(dict.fromkeys(map(str, p["runs"]["model"]))),
+                              "Datasets": ", ".join(dict.fromkeys(map(str, p["runs"]["dataset"])))}
+                             for name, p in parts.items()])
+    out: list[tuple] = [
+        ("h", 1, f"peftbench report: {meta['title']}"),
+        ("p", f"{len(runs)} runs of {len(parts)} studies in `{meta['store']}`. Runs of different studies are never "
+              "pooled, even when they share model, dataset and arm label (their data or training settings may "
+              "differ): each study has its own section below, with its own nuisance choice, tables and verdicts. "
+              "`peftbench report STORE --study NAME` reports one study; `peftbench compare` puts studies side by "
+              "side."),
+        ("table", overview)]
+    for i, (name, part) in enumerate(parts.items()):
+        mine = {key: items for (j, key), items in figs.items() if j == i}
+        out.append(("h", 2, f"Study `{_study_label(name)}`"))
+        out += [("h", b[1] + 1, b[2]) if b[0] == "h" else b
+                for b in document.blocks(part, mine, {**meta, "title": _study_label(name)})[1:]]
+    return out
 
 
 def _check_report_folder(out: Path) -> None:

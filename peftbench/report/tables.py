@@ -23,7 +23,10 @@ from scipy import stats
 
 from peftbench import config
 
-ARM_KEY = ["model", "dataset", "arm"]
+# Runs are grouped by study as well: runs of two studies that share a model, dataset and arm label (say one with
+# max_train = 200) are two arms, never pooled.
+GROUP_KEY = ["study", "model", "dataset"]
+ARM_KEY = GROUP_KEY + ["arm"]
 METRICS = list(config.METRICS)
 PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "params_base_model",
           "params_trainable_pct"]
@@ -57,10 +60,15 @@ def ensure_columns(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def with_study(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``study`` column (empty when it has none: a hand-made frame of one study)."""
+    return frame if "study" in frame.columns else frame.assign(study=np.nan)
+
+
 def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that did not succeed: run id, arm, seed and the one-line error."""
     bad = runs[runs["status"] != "success"]
-    cols = ["run_id", "model", "dataset", "arm", "lr", "seed", "status", "error"]
+    cols = ["run_id", "study", "model", "dataset", "arm", "lr", "seed", "status", "error"]
     return bad[cols].reset_index(drop=True)
 
 
@@ -81,7 +89,7 @@ def nuisance_scores(runs: pd.DataFrame, selection_metric: str = "accuracy") -> p
     """One row per (arm, nuisance setting) of the successful runs: mean validation score over seeds, number of seeds,
     and ``chosen`` — the best validation score of its arm (ties: more seeds, then the first setting). Test scores
     play no part in the choice."""
-    ok = runs[runs["status"] == "success"]
+    ok = with_study(runs[runs["status"] == "success"])
     col = f"val_{selection_metric}"
     rows = []
     for key, arm_runs in ok.groupby(ARM_KEY, sort=False, dropna=False):
@@ -107,7 +115,7 @@ def select_nuisance(runs: pd.DataFrame, selection_metric: str = "accuracy") -> p
     """The successful runs of each arm's chosen nuisance setting (see :func:`nuisance_scores`)."""
     scores = nuisance_scores(runs, selection_metric)
     chosen = scores.loc[scores["chosen"], ARM_KEY + ["nuisance", "setting"]]
-    ok = runs[runs["status"] == "success"]
+    ok = with_study(runs[runs["status"] == "success"])
     return ok.merge(chosen, on=ARM_KEY + ["nuisance"], how="inner")
 
 
@@ -133,29 +141,29 @@ def seed_ci(values, confidence: float = 0.95, n_resamples: int = 2000) -> tuple[
 
 
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows by model, dataset, then method (baselines first, full fine-tuning last), rank and arm label; the order
-    within an arm is kept (stable)."""
+    """Rows by study, model, dataset, then method (baselines first, full fine-tuning last), rank and arm label; the
+    order within an arm is kept (stable)."""
     if not len(frame):
         return frame.reset_index(drop=True)
 
     def key(i):
         row = frame.loc[i]
         r = row.get("r")
-        return (str(row["model"]), str(row["dataset"]), METHOD_ORDER.get(row["method"], 5),
+        return (str(row.get("study")), str(row["model"]), str(row["dataset"]), METHOD_ORDER.get(row["method"], 5),
                 float(r) if pd.notna(r) else 0.0, str(row["arm"]))
 
     return frame.loc[sorted(frame.index, key=key)].reset_index(drop=True)
 
 
 def arm_table(selected: pd.DataFrame) -> pd.DataFrame:
-    """One row per arm (model × dataset × arm label) over the seeds of its chosen nuisance setting.
+    """One row per arm (study × model × dataset × arm label) over the seeds of its chosen nuisance setting.
 
     Metrics are fractions (test split): ``accuracy`` (the mean), ``accuracy_std`` (sample std over seeds, NaN for one
     seed), ``accuracy_ci_low``/``accuracy_ci_high`` (95% CI of the mean, :func:`seed_ci`), and so on for every metric.
     Parameter counts, training time, throughput, peak memory and adapter size are means over seeds (NaN = not
     applicable, e.g. no adapter)."""
     rows = []
-    for key, g in selected.groupby(ARM_KEY, sort=False, dropna=False):
+    for key, g in with_study(selected).groupby(ARM_KEY, sort=False, dropna=False):
         first = g.iloc[0]
         row: dict[str, Any] = {**dict(zip(ARM_KEY, key)), "method": first["method"], "r": first["r"],
                                "lr": first["lr"], "lr_scheduler": first["lr_scheduler"], "setting": first["setting"],
@@ -199,16 +207,16 @@ def expected_max(values, higher: bool = True) -> list[float]:
 def tuning_curves(scores: pd.DataFrame, selection_metric: str = "accuracy") -> pd.DataFrame:
     """Per arm, the expected best mean validation score against the number of nuisance settings tried
     (:func:`expected_max` over the arm's settings in :func:`nuisance_scores`), and ``unequal_grid``: True for every
-    arm of a model × dataset group whose arms were tuned over different numbers of settings (an unfair comparison:
-    more trials alone raise the expected best)."""
+    arm of a study × model × dataset group whose arms were tuned over different numbers of settings (an unfair
+    comparison: more trials alone raise the expected best)."""
     rows = []
-    for key, g in scores.groupby(ARM_KEY, sort=False, dropna=False):
+    for key, g in with_study(scores).groupby(ARM_KEY, sort=False, dropna=False):
         curve = expected_max(g["val_score"], higher_is_better(selection_metric))
         rows += [{**dict(zip(ARM_KEY, key)), "trials": n + 1, "of": len(curve), "expected_best": v}
                  for n, v in enumerate(curve)]
     out = pd.DataFrame(rows, columns=ARM_KEY + ["trials", "of", "expected_best", "unequal_grid"])
     if len(out):
-        sizes = out.groupby(["model", "dataset"])["of"].transform("nunique")
+        sizes = out.groupby(GROUP_KEY, dropna=False)["of"].transform("nunique")
         out["unequal_grid"] = sizes > 1
     return out
 
@@ -221,7 +229,7 @@ def _lr_of(nuisance: str) -> float | None:
 
 def lr_readout(scores: pd.DataFrame, reference: str = "full",
                selection_metric: str = "accuracy") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each arm's best learning rate against the reference's, for the (model, dataset) groups whose reference arm
+    """Each arm's best learning rate against the reference's, for the (study, model, dataset) groups whose reference arm
     sweeps the learning rate; only arms that sweep it too (more than one lr among their settings) are read.
 
     Returns ``(summary, grid)`` from :func:`nuisance_scores`. ``summary``: one row per such arm, the reference
@@ -237,9 +245,9 @@ def lr_readout(scores: pd.DataFrame, reference: str = "full",
     if not len(scores):
         return pd.DataFrame(columns=summary_cols), pd.DataFrame(columns=grid_cols)
     higher = higher_is_better(selection_metric)
-    scores = scores.assign(lr=[_lr_of(n) for n in scores["nuisance"]])
+    scores = with_study(scores).assign(lr=[_lr_of(n) for n in scores["nuisance"]])
     summary, grid = [], []
-    for _, group in scores.groupby(["model", "dataset"], sort=False, dropna=False):
+    for _, group in scores.groupby(GROUP_KEY, sort=False, dropna=False):
         ref = find_reference(group, reference)
         if ref is None or group.loc[group["arm"] == ref["arm"], "lr"].nunique() < 2:
             continue
@@ -264,7 +272,7 @@ def lr_readout(scores: pd.DataFrame, reference: str = "full",
 
 
 def find_reference(group: pd.DataFrame, reference: str) -> pd.Series | None:
-    """The reference arm of one (model, dataset) group: the arm labelled ``reference``, else the first arm whose
+    """The reference arm of one (study, model, dataset) group: the arm labelled ``reference``, else the first arm whose
     method is ``reference``; None if there is none."""
     hit = group[group["arm"] == reference]
     if not len(hit):
@@ -280,22 +288,22 @@ def _saving(value: float, ref: float) -> float:
 
 
 def efficiency(table: pd.DataFrame, reference: str = "full", metric: str = "accuracy") -> pd.DataFrame:
-    """Each arm against the reference arm of its (model, dataset) group: metric difference in points (arm −
+    """Each arm against the reference arm of its (study, model, dataset) group: metric difference in points (arm −
     reference), training-time saving %, trainable-parameter reduction % and peak-memory saving % (positive = the arm
     uses less), and an llm arm's ``estimated_cost_usd`` (mean over seeds; NaN for the others)."""
     rows = []
-    for (model, dataset), group in table.groupby(["model", "dataset"], sort=False, dropna=False):
+    for (study, model, dataset), group in with_study(table).groupby(GROUP_KEY, sort=False, dropna=False):
         ref = find_reference(group, reference)
         if ref is None:
             continue
         for _, row in group[group["arm"] != ref["arm"]].iterrows():
-            rows.append({"model": model, "dataset": dataset, "arm": row["arm"], "reference": ref["arm"],
+            rows.append({"study": study, "model": model, "dataset": dataset, "arm": row["arm"], "reference": ref["arm"],
                          f"{metric}_diff_points": 100.0 * (row[metric] - ref[metric]),
                          "time_saving_pct": _saving(row["train_time_s"], ref["train_time_s"]),
                          "param_reduction_pct": _saving(row["params_trainable"], ref["params_trainable"]),
                          "memory_saving_pct": _saving(row["peak_memory_mb"], ref["peak_memory_mb"]),
                          "estimated_cost_usd": row.get("estimated_cost_usd")})
-    cols = ["model", "dataset", "arm", "reference", f"{metric}_diff_points", "time_saving_pct",
+    cols = ["study", "model", "dataset", "arm", "reference", f"{metric}_diff_points", "time_saving_pct",
             "param_reduction_pct", "memory_saving_pct", "estimated_cost_usd"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -314,7 +322,7 @@ def runs_summary(runs: pd.DataFrame, selected_ids: set[str] | None = None) -> pd
         "study": runs["study"], "model": runs["model"], "dataset": runs["dataset"], "method": runs["method"],
         "test_accuracy": runs["test_accuracy"], "in_tables": runs["run_id"].isin(selected_ids),
         "error": runs["error"]})
-    return out.sort_values(["model", "dataset", "mode", "lr", "seed"], kind="stable").reset_index(drop=True)
+    return out.sort_values(["study", "model", "dataset", "mode", "lr", "seed"], kind="stable").reset_index(drop=True)
 
 
 def best_arm(table: pd.DataFrame, metric: str = "accuracy") -> pd.Series | None:
