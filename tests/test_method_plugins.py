@@ -33,9 +33,9 @@ def _constant(node: ast.AST) -> bool:
 
 def method_branches(source: str) -> list[str]:
     """Comparisons of something called ``method`` with method names (``method == "lora"``, ``run.method in
-    ("full", "frozen")``, ``df["method"] != "untrained"``, ``.isin(["majority"])``), loops over method names and tables keyed by method
-    names (``{"full": 9, "frozen": 3}``; not a result's fields that happen to be named like methods), as source
-    text."""
+    ("full", "frozen")``, ``df["method"] != "untrained"``, ``.isin(["majority"])``), loops over method names and
+    tables keyed by method names (``{"full": 9, "frozen": 3}``; not a result's fields that happen to be named like
+    methods), as source text."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):

@@ -1,6 +1,6 @@
 """Baseline arms, no encoder to fine-tune: ``majority``, ``tfidf`` and ``llm``. Their work is done by
-:mod:`peftbench.baselines` (and :mod:`peftbench.llm`); here are their parameters and their place in a study and a report.
-They share the splits, metrics and store of every other run.
+:mod:`peftbench.baselines` (and :mod:`peftbench.llm`); here are their parameters and their place in a study and a
+report. They share the splits, metrics and store of every other run.
 
 Example::
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from peftbench.fields import ConfigError, Field, by_name, check_value
-from peftbench.methods.base import Method, head_field, head_parameter_names, peft_adapter_names, resolve_head
+from peftbench.methods.base import Method, head_field, peft_adapter_names, resolve_head
 
 # Default LoRA targets per architecture (model_type → nn.Linear leaf names): the attention query and value projections.
 DEFAULT_TARGETS = {
