@@ -238,6 +238,14 @@ def dropout_field(name: str, default: float, doc: str) -> Field:
                  expected="a probability in [0, 1)")
 
 
+def fused(train: dict[str, Any], device: torch.device) -> bool:
+    """Whether a tuner's own AdamW uses the fused kernel, as the loop's own optimizer does (``train.fused_optimizer``
+    where the device has it)."""
+    from peftbench.engine import fused_adamw_available
+
+    return train.get("fused_optimizer", True) and fused_adamw_available(device)
+
+
 class PeftMethod(Method):
     """A peft tuner: ``peft_config(backbone, params, total_steps)`` is the one thing a subclass must give."""
 
@@ -368,12 +376,9 @@ class LoraPlus(Lora):
         at ``loraplus_lr_ratio`` × lr; weight decay as ``train.weight_decay``), fused as the loop's own."""
         from peft.optimizers import create_loraplus_optimizer
 
-        from peftbench.engine import fused_adamw_available
-
-        fused = train.get("fused_optimizer", True) and fused_adamw_available(device)
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train["lr"],
                                          loraplus_lr_ratio=params["loraplus_lr_ratio"],
-                                         loraplus_weight_decay=train["weight_decay"], fused=fused)
+                                         loraplus_weight_decay=train["weight_decay"], fused=fused(train, device))
 
 
 class AdaLora(PeftMethod):
@@ -423,11 +428,10 @@ class AdaLora(PeftMethod):
 
     def make_optimizer(self, model, params, train, device):
         """AdamW with the orthogonal regulariser's gradient added (:class:`OrthRegAdamW`)."""
-        from peftbench.engine import fused_adamw_available, param_groups
+        from peftbench.engine import param_groups
 
-        fused = train.get("fused_optimizer", True) and fused_adamw_available(device)
         return OrthRegAdamW(param_groups(model, train["weight_decay"]), model=model,
-                            orth_reg_weight=params["orth_reg_weight"], lr=train["lr"], fused=fused)
+                            orth_reg_weight=params["orth_reg_weight"], lr=train["lr"], fused=fused(train, device))
 
     def step_hook(self, model, params):
         """The rank reallocation after each optimizer step."""
