@@ -2,9 +2,10 @@
 scikit-learn's ``DummyClassifier``), ``tfidf`` (scikit-learn TF-IDF + logistic regression) and ``llm`` (a
 chat-completions model asked zero- or few-shot, see :mod:`peftbench.llm`).
 
-Both return a :class:`BaselineResult` — hard predictions (and probabilities where the method has them), parameter
+Each returns a :class:`BaselineResult` — hard predictions (and probabilities where the method has them), parameter
 counts, costs and extra info — which the runner stores like any other run; metrics come from
-``peftbench.evaluate.compute_metrics_from_preds``.
+``peftbench.evaluate.compute_metrics_from_preds``. Their parameters (and how an arm names them) are the methods'
+(``peftbench.methods.baseline_arms``): the functions here take them resolved, defaults filled in.
 
 Example::
 
@@ -13,6 +14,7 @@ Example::
     >>> from peftbench.data import Splits
     >>> frame = pd.DataFrame({"text": ["good", "bad", "good fun", "bad plot"] * 5, "label": [1, 0, 1, 0] * 5})
     >>> splits = Splits(train=frame, validation=frame, test=frame, labels=["neg", "pos"])
+    >>> from peftbench.methods import run_baseline
     >>> out = run_baseline("tfidf", {}, splits, seed=0, cache_dir=Path("/tmp"))
     >>> out.preds[:4].tolist(), out.params["trainable"]
     ([1, 0, 1, 0], 7)
@@ -31,40 +33,6 @@ import numpy as np
 if TYPE_CHECKING:  # data imports config, which imports methods: keep this module free of import cycles
     from peftbench.data import Splits
 
-# name → (kind, default, one-line doc); kinds as in peftbench.config.TRAIN_FIELDS.
-TFIDF_PARAMS: dict[str, tuple[Any, Any, str]] = {
-    "max_features": (int, 50000, "vocabulary size: keep the most frequent n-grams of the training split"),
-    "ngram_max": (int, 2, "longest word n-gram (1 = unigrams, 2 = unigrams and bigrams)"),
-    "min_df": (int, 1, "ignore n-grams found in fewer training texts than this"),
-    "sublinear_tf": (bool, True, "use 1 + log(tf) instead of the raw term count"),
-    "C": (float, 1.0, "inverse L2 regularisation strength of the logistic regression"),
-}
-
-LLM_PARAMS: dict[str, tuple[Any, Any, str]] = {
-    "base_url": (str, "http://localhost:8000/v1",
-                 "OpenAI-compatible endpoint; requests go to {base_url}/chat/completions"),
-    "model": (str, "", "model name the endpoint serves (gpt-4o-mini, llama3.1:8b, Qwen/Qwen2.5-7B-Instruct, ...)"),
-    "api_key_env": (str, "OPENAI_API_KEY", "environment variable holding the API key (unset: no Authorization header)"),
-    "shots": (int, 0, "examples per class shown before the texts, drawn from train with the seed (0 = zero-shot)"),
-    "batch_size": (int, 10, "texts per request, numbered; the reply must give one numbered label per text"),
-    "truncate": (int, 500, "characters of each text kept (0 = whole text; a sentence pair: of each of its texts)"),
-    "truncate_side": (str, "last", "which characters truncate keeps: first or last (reviews end with the verdict)"),
-    "max_concurrency": (int, 4, "requests in flight at once"),
-    "timeout_s": (float, 60.0, "seconds to wait for one reply before retrying"),
-    "max_retries": (int, 4, "retries of a request after a 429, 5xx, timeout or connection error"),
-    "retry_delay_s": (float, 1.0, "first backoff delay; doubles on every retry (a longer Retry-After wins)"),
-    "price_per_1k_input": (float, 0.0, "USD per 1000 prompt tokens, for the estimated cost"),
-    "price_per_1k_output": (float, 0.0, "USD per 1000 completion tokens, for the estimated cost"),
-    "max_test": ("int?", None, "classify a stratified subsample of this many test texts (fixed across seeds)"),
-}
-
-BASELINE_PARAMS = {"majority": {}, "tfidf": TFIDF_PARAMS, "llm": LLM_PARAMS}
-CHOICES = {"truncate_side": ("first", "last")}
-MINIMUM = {"max_features": 1, "ngram_max": 1, "min_df": 1, "shots": 0, "batch_size": 1, "truncate": 0,
-           "max_concurrency": 1, "max_retries": 0, "max_test": 1}
-POSITIVE = ("C", "timeout_s")
-NON_NEGATIVE = ("retry_delay_s", "price_per_1k_input", "price_per_1k_output")
-
 
 @dataclass
 class BaselineResult:
@@ -78,44 +46,6 @@ class BaselineResult:
     costs: dict[str, Any]            # train_time_s, eval_time_s, eval_examples_per_s, and for llm usage and cost
     info: dict[str, Any]             # JSON-ready extras: prompt, few-shot ids, invalid ids, vocabulary size, ...
     test_ids: np.ndarray | None = None  # positions in splits.test that preds refer to (None = all, in order)
-
-
-def check_param(method: str, key: str, value: Any) -> Any:
-    """Range and choice checks beyond the kind (raises ValueError with a message that does not name the field)."""
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"expected one of {', '.join(CHOICES[key])}, got {value!r}")
-    if key in MINIMUM and value is not None and value < MINIMUM[key]:
-        raise ValueError(f"expected an integer >= {MINIMUM[key]}, got {value!r}")
-    if key in POSITIVE and value <= 0:
-        raise ValueError(f"expected a number > 0, got {value!r}")
-    if key in NON_NEGATIVE and value < 0:
-        raise ValueError(f"expected a number >= 0, got {value!r}")
-    if method == "llm" and key == "model" and not value:
-        raise ValueError("expected the model name the endpoint serves (e.g. gpt-4o-mini or llama3.1:8b)")
-    return value
-
-
-def resolve_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    spec = BASELINE_PARAMS[method]
-    unknown = sorted(set(params) - set(spec))
-    if unknown:
-        raise ValueError(f"{method}: unknown setting {unknown[0]!r} (expected one of {', '.join(spec)})")
-    return {k: params.get(k, default) for k, (_, default, _) in spec.items()}
-
-
-def run_baseline(method: str, params: dict[str, Any], splits: Splits, seed: int, cache_dir: Path) -> BaselineResult:
-    """Fit / query a baseline on ``splits`` and predict validation (tfidf) and test.
-
-    ``cache_dir`` holds the LLM response cache (``cache_dir/llm/``); a re-run with the same settings sends nothing.
-    """
-    params = resolve_params(method, params)
-    if method == "majority":
-        return run_majority(splits)
-    if method == "tfidf":
-        return run_tfidf(params, splits, seed)
-    if method == "llm":
-        return run_llm(params, splits, seed, Path(cache_dir) / "llm")
-    raise ValueError(f"unknown baseline method {method!r} (expected one of {', '.join(BASELINE_PARAMS)})")
 
 
 # --------------------------------------------------------------------------------------------------------------------

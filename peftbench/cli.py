@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftbench.config import (DATASET_FIELDS, TRAIN_CHOICES, TRAIN_FIELDS, ConfigError, apply_overrides,
-                              expand_runs, load_study, validate_study)
+from peftbench.config import (DATASET_FIELDS, TRAIN_FIELDS, ConfigError, apply_overrides, expand_runs, load_study,
+                              validate_study)
 from peftbench import progress
 from peftbench.methods import LORA_PARAMS, METHODS
 
@@ -40,19 +40,19 @@ _KIND_TYPES = {int: int, float: float, str: str, "int?": int, "float?": float, "
 
 
 def _add_fields(parser: argparse.ArgumentParser, fields: dict, skip: tuple[str, ...] = (), dest_prefix: str = ""):
-    """One ``--flag`` per config field, with the field's doc as help (no hand-written duplicate of the schema)."""
-    for key, (kind, default, doc) in fields.items():
+    """One ``--flag`` per config field (``peftbench.fields.Field``), with the field's doc as help and its choices as
+    the flag's (no hand-written duplicate of the schema)."""
+    for key, f in fields.items():
         if key in skip:
             continue
         flag = "--" + key.replace("_", "-")
-        if kind is bool:
+        if f.kind is bool:
             parser.add_argument(flag, dest=dest_prefix + key, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{doc} (default: {default})")
+                                help=f"{f.doc} (default: {f.default})")
             continue
-        conv = _KIND_TYPES.get(kind)
-        parser.add_argument(flag, dest=dest_prefix + key, type=conv or _int_or_str, default=None,
-                            choices=TRAIN_CHOICES.get(key) if fields is TRAIN_FIELDS else None,
-                            help=f"{doc} (default: {default})")
+        conv = _KIND_TYPES.get(f.kind)
+        parser.add_argument(flag, dest=dest_prefix + key, type=conv or _int_or_str, default=None, choices=f.choices,
+                            help=f"{f.doc} (default: {f.default})")
 
 
 def _int_or_str(text: str):

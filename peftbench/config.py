@@ -39,100 +39,113 @@ from pathlib import Path
 from typing import Any
 
 from peftbench import methods
+from peftbench.fields import Field, by_name, reference_table
 from peftbench.trackers import BACKENDS as TRACKERS
-from peftbench.fields import ConfigError, check_value, type_name  # ConfigError, check_value: also importable from here
+from peftbench.fields import ConfigError, check_value  # also importable from here
 
 BUILTIN_STUDIES = Path(__file__).parent / "studies"
 DEFAULT_STUDY = BUILTIN_STUDIES / "demo.toml"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Field specs: (type, default, one-line doc). Types (checked by fields.check_value): int, float, str, bool, "int?",
-# "float?", "str?", list[str].
+# Field specs (peftbench.fields.Field: kind, default, one-line doc, constraint)
 # --------------------------------------------------------------------------------------------------------------------
 
-TRAIN_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "epochs": (int, 3, "maximum number of passes over the training split"),
-    "batch_size": (int, 32, "training examples per optimizer step"),
-    "eval_batch_size": (int, 64, "examples per forward pass during evaluation"),
-    "lr": (float, 5e-5, "peak learning rate of AdamW (a nuisance parameter: give a list to sweep it)"),
-    "head_lr": ("float?", None, "peak learning rate of the trained head modules (the arm's `head`); default: lr. "
-                "Sweepable like lr"),
-    "weight_decay": (float, 0.01, "AdamW decoupled weight decay (not applied to biases and LayerNorm weights)"),
-    "lr_scheduler": (str, "linear", "learning-rate schedule after warmup: linear, cosine or constant"),
-    "warmup_ratio": (float, 0.0, "fraction of all training steps spent warming the learning rate up from 0"),
-    "max_grad_norm": (float, 1.0, "clip the global gradient norm to this value (0 disables clipping)"),
-    "max_length": (int, 128, "truncate texts to this many tokens (batches are padded only to their longest text)"),
-    "max_tokens_per_batch": ("int?", None, "bound memory: cut a batch whose padded size would exceed this many "
-                             "tokens into pieces (training accumulates their gradients into one step)"),
-    "early_stopping_patience": ("int?", None, "stop after this many epochs without validation improvement"),
-    "metric_for_best": (str, "accuracy", "validation metric that picks the best epoch (accuracy, f1_macro, ...)"),
-    "bf16": (bool, True, "bfloat16 autocast where the device runs it natively (CUDA, CPUs with AVX512-BF16 or AMX); "
-                         "fp32 elsewhere"),
-    "pooling": (str, "auto", "sentence representation: cls (the model's own head), mean, or auto"),
-    "cache_frozen_features": (bool, True, "frozen method: run the encoder once per example and reuse its output"),
-    "length_buckets": (bool, True, "batch texts of similar length together (sorted within large random pools), so "
-                       "batches carry little padding"),
-    "fused_optimizer": (bool, True, "fused AdamW kernel on CUDA and CPU (the same update in one pass)"),
-    "merge_for_eval": (bool, True, "LoRA: merge the adapters into the base weights for the final predictions "
-                       "(after saving them)"),
-    "gradient_checkpointing": (bool, False, "recompute activations in the backward pass (transformers' gradient "
-                               "checkpointing, non-reentrant): much less activation memory for big models, slower"),
-    "bf16_weights": (bool, False, "hold the frozen pretrained weights in bfloat16 (trainable parameters and their "
-                     "optimizer state stay fp32); only with bf16 autocast, else ignored (recorded per run)"),
-    "fast_dropout": (bool, False, "CPU: dropout masks from bulk random bits (numpy SFC64 seeded by torch's generator; "
-                     "the same Bernoulli(1-p) masks, cheaper to draw), attention-probability dropout included"),
-}
-TRAIN_CHOICES = {
-    "lr_scheduler": ("linear", "cosine", "constant"),
-    "pooling": ("auto", "cls", "mean"),
-    "metric_for_best": ("accuracy", "f1_macro", "f1_weighted", "loss"),
-}
+# The test metrics every run stores (evaluate.compute_metrics), in the report's column order.
+METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
+           "recall_macro", "roc_auc")
+LEARNING_RATE = "a positive learning rate"
 
-DATASET_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "source": (str, None, "builtin:rotten_tomatoes, a hub dataset id, or a local folder/file (CSV, TSV, JSONL, Parquet)"),
-    "config_name": ("str?", None, "hub dataset configuration name (the second argument of datasets.load_dataset)"),
-    "text_column": (str, "text", "column holding the text"),
-    "text_pair_column": ("str?", None, "column holding the second text of a sentence pair (premise/hypothesis, "
-                         "question/sentence), tokenized as a pair with text_column; none: single texts"),
-    "label_column": (str, "label", "column holding the label (ids or names)"),
-    "labels": ("list[str]?", None, "label names in id order (default: labels.txt, the hub's ClassLabel, or sorted names)"),
-    "train_split": (str, "train", "split (hub) or file stem (local folder) used for training"),
-    "validation_split": (str, "validation", "split used for model selection; carved from train when absent or ''"),
-    "test_split": (str, "test", "split used only for the final evaluation"),
-    "validation_fraction": (float, 0.1, "fraction of train carved (stratified) as validation when there is none; "
-                            "builtin:rotten_tomatoes: share of the movies held out as validation"),
-    "test_fraction": (float, 0.2, "fraction of train carved (stratified) as test when there is no test split; "
-                      "builtin:rotten_tomatoes: share of the movies held out as test"),
-    "split_seed": (int, 0, "seed of carved splits and of subsampling (fixed across run seeds)"),
-    "max_train": ("int?", None, "stratified, seeded subsample of the training split"),
-    "max_validation": ("int?", None, "stratified, seeded subsample of the validation split"),
-    "max_test": ("int?", None, "stratified, seeded subsample of the test split"),
-}
+TRAIN_FIELDS: dict[str, Field] = by_name(
+    Field("epochs", int, 3, "maximum number of passes over the training split", minimum=1),
+    Field("batch_size", int, 32, "training examples per optimizer step", minimum=1),
+    Field("eval_batch_size", int, 64, "examples per forward pass during evaluation", minimum=1),
+    Field("lr", float, 5e-5, "peak learning rate of AdamW (a nuisance parameter: give a list to sweep it)",
+          minimum=0, exclusive_minimum=True, expected=LEARNING_RATE),
+    Field("head_lr", "float?", None, "peak learning rate of the trained head modules (the arm's `head`); default: lr. "
+          "Sweepable like lr", minimum=0, exclusive_minimum=True, expected=LEARNING_RATE),
+    Field("weight_decay", float, 0.01, "AdamW decoupled weight decay (not applied to biases and LayerNorm weights)",
+          minimum=0),
+    Field("lr_scheduler", str, "linear", "learning-rate schedule after warmup: linear, cosine or constant",
+          choices=("linear", "cosine", "constant")),
+    Field("warmup_ratio", float, 0.0, "fraction of all training steps spent warming the learning rate up from 0",
+          minimum=0, maximum=1, exclusive_maximum=True),
+    Field("max_grad_norm", float, 1.0, "clip the global gradient norm to this value (0 disables clipping)", minimum=0),
+    Field("max_length", int, 128, "truncate texts to this many tokens (batches are padded only to their longest text)",
+          minimum=1),
+    Field("max_tokens_per_batch", "int?", None, "bound memory: cut a batch whose padded size would exceed this many "
+          "tokens into pieces (training accumulates their gradients into one step)", minimum=1),
+    Field("early_stopping_patience", "int?", None, "stop after this many epochs without validation improvement",
+          minimum=1),
+    Field("metric_for_best", str, "accuracy", "validation metric that picks the best epoch (accuracy, f1_macro, ...)",
+          choices=("accuracy", "f1_macro", "f1_weighted", "loss")),
+    Field("bf16", bool, True, "bfloat16 autocast where the device runs it natively (CUDA, CPUs with AVX512-BF16 or "
+          "AMX); fp32 elsewhere"),
+    Field("pooling", str, "auto", "sentence representation: cls (the model's own head), mean, or auto",
+          choices=("auto", "cls", "mean")),
+    Field("cache_frozen_features", bool, True, "frozen method: run the encoder once per example and reuse its output"),
+    Field("length_buckets", bool, True, "batch texts of similar length together (sorted within large random pools), "
+          "so batches carry little padding"),
+    Field("fused_optimizer", bool, True, "fused AdamW kernel on CUDA and CPU (the same update in one pass)"),
+    Field("merge_for_eval", bool, True, "LoRA: merge the adapters into the base weights for the final predictions "
+          "(after saving them)"),
+    Field("gradient_checkpointing", bool, False, "recompute activations in the backward pass (transformers' gradient "
+          "checkpointing, non-reentrant): much less activation memory for big models, slower"),
+    Field("bf16_weights", bool, False, "hold the frozen pretrained weights in bfloat16 (trainable parameters and their "
+          "optimizer state stay fp32); only with bf16 autocast, else ignored (recorded per run)"),
+    Field("fast_dropout", bool, False, "CPU: dropout masks from bulk random bits (numpy SFC64 seeded by torch's "
+          "generator; the same Bernoulli(1-p) masks, cheaper to draw), attention-probability dropout included"),
+)
+
+FRACTION = "a fraction in (0, 1)"
+DATASET_FIELDS: dict[str, Field] = by_name(
+    Field("source", str, None, "builtin:rotten_tomatoes, a hub dataset id, or a local folder/file (CSV, TSV, JSONL, "
+          "Parquet)"),
+    Field("config_name", "str?", None, "hub dataset configuration name (the second argument of "
+          "datasets.load_dataset)"),
+    Field("text_column", str, "text", "column holding the text"),
+    Field("text_pair_column", "str?", None, "column holding the second text of a sentence pair (premise/hypothesis, "
+          "question/sentence), tokenized as a pair with text_column; none: single texts"),
+    Field("label_column", str, "label", "column holding the label (ids or names)"),
+    Field("labels", "list[str]?", None, "label names in id order (default: labels.txt, the hub's ClassLabel, or "
+          "sorted names)"),
+    Field("train_split", str, "train", "split (hub) or file stem (local folder) used for training"),
+    Field("validation_split", str, "validation", "split used for model selection; carved from train when absent or "
+          "''"),
+    Field("test_split", str, "test", "split used only for the final evaluation"),
+    Field("validation_fraction", float, 0.1, "fraction of train carved (stratified) as validation when there is none; "
+          "builtin:rotten_tomatoes: share of the movies held out as validation", minimum=0, maximum=1,
+          exclusive_minimum=True, exclusive_maximum=True, expected=FRACTION),
+    Field("test_fraction", float, 0.2, "fraction of train carved (stratified) as test when there is no test split; "
+          "builtin:rotten_tomatoes: share of the movies held out as test", minimum=0, maximum=1,
+          exclusive_minimum=True, exclusive_maximum=True, expected=FRACTION),
+    Field("split_seed", int, 0, "seed of carved splits and of subsampling (fixed across run seeds)"),
+    Field("max_train", "int?", None, "stratified, seeded subsample of the training split", minimum=1),
+    Field("max_validation", "int?", None, "stratified, seeded subsample of the validation split", minimum=1),
+    Field("max_test", "int?", None, "stratified, seeded subsample of the test split", minimum=1),
+)
 
 # Dataset fields added after runs were stored: at these values they are left out of the dataset spec (and so out of
 # the run id), so every run stored before they existed keeps its id; code reads them with ``.get(key)``.
 DATASET_OMITTED_AT_DEFAULT = {"text_pair_column": None}
 
-REPORT_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "reference": (str, "full", "arm the others are compared with (its label, e.g. 'full' or 'lora r=64')"),
-    "metric": (str, "accuracy", "headline test metric of tables and verdicts"),
-    "selection_metric": (str, "accuracy", "validation metric that picks the nuisance setting per arm"),
-    "margin": (float, 1.0, "non-inferiority margin in points of the headline metric"),
-    "out_of_scope_label": ("str?", None, "the out-of-scope class (e.g. 'oos'): the report adds in-scope accuracy and "
-                                         "out-of-scope recall per arm (Larson et al. 2019)"),
-}
+REPORT_FIELDS: dict[str, Field] = by_name(
+    Field("reference", str, "full", "arm the others are compared with (its label, e.g. 'full' or 'lora r=64')"),
+    Field("metric", str, "accuracy", "headline test metric of tables and verdicts", choices=METRICS),
+    Field("selection_metric", str, "accuracy", "validation metric that picks the nuisance setting per arm",
+          choices=METRICS + ("loss",)),
+    Field("margin", float, 1.0, "non-inferiority margin in points of the headline metric", minimum=0,
+          exclusive_minimum=True, expected="a number of points > 0 (a non-inferiority margin)"),
+    Field("out_of_scope_label", "str?", None, "the out-of-scope class (e.g. 'oos'): the report adds in-scope accuracy "
+          "and out-of-scope recall per arm (Larson et al. 2019)"),
+)
 
-# The test metrics every run stores (evaluate.compute_metrics), in the report's column order.
-METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
-           "recall_macro", "roc_auc")
-REPORT_CHOICES = {"metric": METRICS, "selection_metric": METRICS + ("loss",)}
-
-TRACKING_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "report_to": ("list[str]", [], f"experiment trackers each run is also logged to: {', '.join(TRACKERS)} (not part "
-                  "of the run ids; `peftbench run --report-to` overrides it)"),
-    "wandb_project": ("str?", None, "wandb project of the runs (default: WANDB_PROJECT, else peftbench)"),
-}
+TRACKING_FIELDS: dict[str, Field] = by_name(
+    Field("report_to", "list[str]", [], f"experiment trackers each run is also logged to: {', '.join(TRACKERS)} (not "
+          "part of the run ids; `peftbench run --report-to` overrides it)", choices=TRACKERS,
+          expected=f"some of {', '.join(TRACKERS)}"),
+    Field("wandb_project", "str?", None, "wandb project of the runs (default: WANDB_PROJECT, else peftbench)"),
+)
 
 STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report", "tracking"}
 ARM_FIXED_FIELDS = {"method", "name"}
@@ -148,22 +161,7 @@ def _check_table(where: str, table: Any, fields: dict, extra: set[str] = frozens
 
 
 def _check_train(where: str, key: str, value: Any) -> Any:
-    kind = TRAIN_FIELDS[key][0]
-    value = check_value(f"{where}.{key}", kind, value)
-    if key in TRAIN_CHOICES and value not in TRAIN_CHOICES[key]:
-        raise ConfigError(f"{where}.{key}: expected one of {', '.join(TRAIN_CHOICES[key])}, got {value!r}")
-    positive = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "max_length": 1, "max_tokens_per_batch": 1}
-    if key in positive and value is not None and value < positive[key]:
-        raise ConfigError(f"{where}.{key}: expected an integer >= {positive[key]}, got {value!r}")
-    if key in ("lr", "head_lr") and value is not None and value <= 0:
-        raise ConfigError(f"{where}.{key}: expected a positive learning rate, got {value!r}")
-    if key in ("warmup_ratio",) and not 0 <= value < 1:
-        raise ConfigError(f"{where}.{key}: expected a number in [0, 1), got {value!r}")
-    if key in ("weight_decay", "max_grad_norm") and value < 0:
-        raise ConfigError(f"{where}.{key}: expected a number >= 0, got {value!r}")
-    if key == "early_stopping_patience" and value is not None and value < 1:
-        raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
-    return value
+    return TRAIN_FIELDS[key].check(f"{where}.{key}", value)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -196,7 +194,7 @@ class Study:
     report: dict[str, Any]
     description: str = ""
     tracking: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(  # [tracking], defaults filled in
-        {k: default for k, (_, default, _) in TRACKING_FIELDS.items()}))
+        {k: f.default for k, f in TRACKING_FIELDS.items()}))
 
 
 @dataclass
@@ -411,14 +409,8 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         if "source" not in spec:
             raise ConfigError(f"{dwhere}.source: missing (expected builtin:rotten_tomatoes, a hub id or a local path)")
         resolved = {"name": dname}
-        for key, (kind, default, _doc) in DATASET_FIELDS.items():
-            resolved[key] = check_value(f"{dwhere}.{key}", kind, spec.get(key, default))
-        for key in ("max_train", "max_validation", "max_test"):
-            if resolved[key] is not None and resolved[key] < 1:
-                raise ConfigError(f"{dwhere}.{key}: expected an integer >= 1, got {resolved[key]!r}")
-        for key in ("validation_fraction", "test_fraction"):
-            if not 0 < resolved[key] < 1:
-                raise ConfigError(f"{dwhere}.{key}: expected a fraction in (0, 1), got {resolved[key]!r}")
+        for key, f in DATASET_FIELDS.items():
+            resolved[key] = f.check(f"{dwhere}.{key}", spec.get(key, f.default))
         pair = resolved["text_pair_column"]
         if pair is not None and pair in (resolved["text_column"], resolved["label_column"]):
             other = "text_column" if pair == resolved["text_column"] else "label_column"
@@ -432,20 +424,13 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
 
     raw_train = raw.get("train", {})
     _check_table(f"{where}: train", raw_train, TRAIN_FIELDS)
-    train = {k: default for k, (_, default, _) in TRAIN_FIELDS.items()}
+    train = {k: f.default for k, f in TRAIN_FIELDS.items()}
     for key, value in raw_train.items():
         train[key] = _grid(f"{where}: train", key, value, lambda w, k, v: _check_train(w, k, v))
 
     raw_report = raw.get("report", {})
     _check_table(f"{where}: report", raw_report, REPORT_FIELDS)
-    report = {k: check_value(f"{where}: report.{k}", kind, raw_report.get(k, default))
-              for k, (kind, default, _) in REPORT_FIELDS.items()}
-    for key, choices in REPORT_CHOICES.items():
-        if report[key] not in choices:
-            raise ConfigError(f"{where}: report.{key}: expected one of {', '.join(choices)}, got {report[key]!r}")
-    if not report["margin"] > 0:
-        raise ConfigError(f"{where}: report.margin: expected a number of points > 0 (a non-inferiority margin), "
-                          f"got {report['margin']!r}")
+    report = {k: f.check(f"{where}: report.{k}", raw_report.get(k, f.default)) for k, f in REPORT_FIELDS.items()}
 
     tracking = _check_tracking(f"{where}: tracking", raw.get("tracking", {}))
 
@@ -463,10 +448,10 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
         spec = methods.METHODS[method]
         _check_table(awhere, arm, spec.params, ARM_FIXED_FIELDS | set(TRAIN_FIELDS))
         arm_name = check_value(f"{awhere}.name", "str?", arm.get("name"))
-        for key, (_, default, _) in spec.params.items():  # a required parameter (llm's model) has no valid default
+        for key, f in spec.params.items():  # a required parameter (llm's model) has no valid default
             if key not in arm:
                 try:
-                    spec.check(awhere, key, default)
+                    spec.check(awhere, key, f.default)
                 except ConfigError as e:
                     reason = str(e).removeprefix(f"{awhere}.{key}: ")
                     raise ConfigError(f"{awhere}.{key}: missing ({reason})") from None
@@ -488,18 +473,6 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     return study
 
 
-def _check_tracking(where: str, raw: Any) -> dict[str, Any]:
-    """The ``[tracking]`` table: known tracker names, each once."""
-    _check_table(where, raw, TRACKING_FIELDS)
-    tracking = {k: check_value(f"{where}.{k}", kind, raw.get(k, default)) for k, (kind, default, _) in
-                TRACKING_FIELDS.items()}
-    for name in tracking["report_to"]:
-        if name not in TRACKERS:
-            raise ConfigError(f"{where}.report_to: expected some of {', '.join(TRACKERS)}, got {name!r}")
-    tracking["report_to"] = list(dict.fromkeys(tracking["report_to"]))
-    return tracking
-
-
 def check_reference(where: str, study: Study) -> None:
     """An explicit ``report.reference`` must name an arm: one of its labels, or a method of some arm (the rule of
     ``peftbench.report.tables.find_reference``)."""
@@ -510,9 +483,9 @@ def check_reference(where: str, study: Study) -> None:
                           f"{', '.join(sorted(names))})")
 
 
-def _list_keys(fields: dict[str, tuple[Any, Any, str]]) -> set[str]:
+def _list_keys(fields: dict[str, Field]) -> set[str]:
     """Parameters whose single value is a list of names (target_modules, feedforward_modules, ...)."""
-    return {k for k, (kind, _, _) in fields.items() if isinstance(kind, str) and kind.startswith("list[str]")}
+    return {k for k, f in fields.items() if f.list_valued}
 
 
 def _grid(where: str, key: str, value: Any, check, list_valued: bool = False) -> Any:
@@ -573,21 +546,22 @@ def single_run_study(model: str, dataset: dict[str, Any], method: str, method_pa
     return validate_study(raw, None)
 
 
+def _check_tracking(where: str, raw: Any) -> dict[str, Any]:
+    """The ``[tracking]`` table: known tracker names, each once."""
+    _check_table(where, raw, TRACKING_FIELDS)
+    tracking = {k: f.check(f"{where}.{k}", raw.get(k, f.default)) for k, f in TRACKING_FIELDS.items()}
+    tracking["report_to"] = list(dict.fromkeys(tracking["report_to"]))
+    return tracking
+
+
 def reference_markdown() -> str:
     """The study-file reference tables of the README, generated from the field specs (a test keeps them equal)."""
-
-    def table(title: str, fields: dict[str, tuple[Any, Any, str]]) -> str:
-        rows = [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for key, (kind, default, doc) in fields.items():
-            shown = "—" if default is None else f"`{json.dumps(default)}`"
-            rows.append(f"| `{key}` | {type_name(kind)} | {shown} | {doc} |")
-        return "\n".join(rows)
-
-    parts = [table("`[train]` (and any arm)", TRAIN_FIELDS), table("`[datasets.NAME]`", DATASET_FIELDS),
-             table("`[report]`", REPORT_FIELDS), table("`[tracking]`", TRACKING_FIELDS)]
+    parts = [reference_table("`[train]` (and any arm)", TRAIN_FIELDS),
+             reference_table("`[datasets.NAME]`", DATASET_FIELDS), reference_table("`[report]`", REPORT_FIELDS),
+             reference_table("`[tracking]`", TRACKING_FIELDS)]
     for name, method in methods.METHODS.items():
         if method.params:
-            parts.append(table(f"`method = \"{name}\"`: {method.doc}", method.params))
+            parts.append(reference_table(f"`method = \"{name}\"`: {method.doc}", method.params))
     others = ", ".join(f"`{n}` ({m.doc})" for n, m in methods.METHODS.items() if not m.params)
     parts.append(f"Methods without parameters: {others}.")
     return "\n\n".join(parts)

@@ -77,7 +77,7 @@ class Splits:
 
 def dataset_defaults(**overrides) -> dict[str, Any]:
     """A dataset spec with every field at its default (for code that builds specs without a study file)."""
-    spec = {k: default for k, (_, default, _) in DATASET_FIELDS.items() if k not in DATASET_OMITTED_AT_DEFAULT}
+    spec = {k: f.default for k, f in DATASET_FIELDS.items() if k not in DATASET_OMITTED_AT_DEFAULT}
     spec.update({k: v for k, v in overrides.items() if DATASET_OMITTED_AT_DEFAULT.get(k, object()) != v})
     spec.setdefault("name", Path(str(spec["source"]).removeprefix("builtin:")).name.split(".")[0] or "data")
     return spec
@@ -145,7 +145,7 @@ def split_files(spec: dict[str, Any]) -> dict[str, Path]:
         hit = next((f for f in (_find_split_file(folder, n) for n in names) if f is not None), None)
         if hit is not None:
             found[role] = hit
-        elif role != "train" and split != DATASET_FIELDS[f"{role}_split"][1]:
+        elif role != "train" and split != DATASET_FIELDS[f"{role}_split"].default:
             raise ConfigError(f"{folder}: no {split}.csv/.tsv/.jsonl/.parquet file for {role}_split = {split!r} "
                               f"(data files: {', '.join(_data_files(folder)) or 'none'})")
     known = {spec[f"{role}_split"] for role in ROLES} | set(VALIDATION_ALIASES)

@@ -18,6 +18,7 @@ Example (against a local server, e.g. ``vllm serve Qwen/Qwen2.5-1.5B-Instruct``)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -36,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from peftbench.fields import ConfigError, Field, by_name, check_value
+
 log = logging.getLogger(__name__)
 
 INVALID = -1  # prediction of a text whose reply could not be parsed into one of the labels
@@ -43,28 +46,56 @@ RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
 
 
-@dataclass
-class LLMSettings:
-    """The ``llm`` arm's settings (see ``peftbench.baselines.LLM_PARAMS`` for the docs of each)."""
+def _parse_model(where: str, value: Any) -> str:
+    value = check_value(where, str, value)
+    if not value:
+        raise ConfigError(f"{where}: expected the model name the endpoint serves (e.g. gpt-4o-mini or llama3.1:8b)")
+    return value
 
-    base_url: str = "http://localhost:8000/v1"
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    shots: int = 0
-    batch_size: int = 10
-    truncate: int = 500
-    truncate_side: str = "last"
-    max_concurrency: int = 4
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    retry_delay_s: float = 1.0
-    price_per_1k_input: float = 0.0
-    price_per_1k_output: float = 0.0
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "LLMSettings":
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in params.items() if k in names})
+# The ``llm`` arm's parameters (``peftbench.methods``' ``llm`` method takes them as they are).
+LLM_FIELDS: dict[str, Field] = by_name(
+    Field("base_url", str, "http://localhost:8000/v1",
+          "OpenAI-compatible endpoint; requests go to {base_url}/chat/completions"),
+    Field("model", str, "", "model name the endpoint serves (gpt-4o-mini, llama3.1:8b, Qwen/Qwen2.5-7B-Instruct, ...)",
+          parse=_parse_model),
+    Field("api_key_env", str, "OPENAI_API_KEY", "environment variable holding the API key (unset: no Authorization "
+          "header)"),
+    Field("shots", int, 0, "examples per class shown before the texts, drawn from train with the seed (0 = "
+          "zero-shot)", minimum=0),
+    Field("batch_size", int, 10, "texts per request, numbered; the reply must give one numbered label per text",
+          minimum=1),
+    Field("truncate", int, 500, "characters of each text kept (0 = whole text; a sentence pair: of each of its texts)",
+          minimum=0),
+    Field("truncate_side", str, "last", "which characters truncate keeps: first or last (reviews end with the "
+          "verdict)", choices=("first", "last")),
+    Field("max_concurrency", int, 4, "requests in flight at once", minimum=1),
+    Field("timeout_s", float, 60.0, "seconds to wait for one reply before retrying", minimum=0,
+          exclusive_minimum=True),
+    Field("max_retries", int, 4, "retries of a request after a 429, 5xx, timeout or connection error", minimum=0),
+    Field("retry_delay_s", float, 1.0, "first backoff delay; doubles on every retry (a longer Retry-After wins)",
+          minimum=0),
+    Field("price_per_1k_input", float, 0.0, "USD per 1000 prompt tokens, for the estimated cost", minimum=0),
+    Field("price_per_1k_output", float, 0.0, "USD per 1000 completion tokens, for the estimated cost", minimum=0),
+    Field("max_test", "int?", None, "classify a stratified subsample of this many test texts (fixed across seeds)",
+          minimum=1),
+)
+
+# What classify needs of them: all but the test subsample, which the baseline draws (peftbench.baselines.run_llm).
+SETTINGS = tuple(name for name in LLM_FIELDS if name != "max_test")
+
+
+def _from_params(cls, params: dict[str, Any]) -> "LLMSettings":
+    """The settings among an ``llm`` arm's parameters (others ignored)."""
+    return cls(**{k: v for k, v in params.items() if k in SETTINGS})
+
+
+# The ``llm`` arm's settings as a dataclass, generated from LLM_FIELDS (their defaults; docs there).
+LLMSettings = dataclasses.make_dataclass(
+    "LLMSettings", [(name, Any, dataclasses.field(default=LLM_FIELDS[name].default)) for name in SETTINGS],
+    namespace={"from_params": classmethod(_from_params),
+               "__doc__": "The ``llm`` arm's settings: the fields of ``LLM_FIELDS`` but ``max_test``.",
+               "__module__": __name__})
 
 
 @dataclass

@@ -77,7 +77,7 @@ class LSTMClassifier(nn.Module):
 
 
 def build(vocab_size: int, num_labels: int, params: dict) -> LSTMClassifier:
-    """The classifier of an ``lstm`` arm's parameters (``methods.LSTM_PARAMS``); every parameter trains."""
+    """The classifier of an ``lstm`` arm's parameters (``methods.METHODS["lstm"].params``); every parameter trains."""
     return LSTMClassifier(vocab_size, num_labels, embedding_dim=params["embedding_dim"],
                           hidden_size=params["hidden_size"], num_layers=params["num_layers"],
                           dropout=params["dropout"], bidirectional=params["bidirectional"],

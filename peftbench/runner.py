@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from peftbench import baselines, dropout, flops, methods, progress
+from peftbench import dropout, flops, methods, progress
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, encode_frame, load_splits, make_batches, split_batch
 from peftbench.engine import TrainSettings, autocast, bf16_supported, predict, train
@@ -369,7 +369,7 @@ def _run_baseline(run: RunConfig, store: Store, writer: RunWriter, env: dict) ->
     """TF-IDF or LLM: no encoder to fine-tune, same splits, metrics and files as every other run."""
     splits = get_splits(run.dataset)
     env["dataset_fingerprint"] = splits.fingerprint
-    res = baselines.run_baseline(run.method, run.method_params, splits, run.seed, store.cache_dir)
+    res = methods.run_baseline(run.method, run.method_params, splits, run.seed, store.cache_dir)
     n_labels = len(splits.labels)
     ids = np.arange(len(splits.test)) if res.test_ids is None else np.asarray(res.test_ids)
     test = splits.test.iloc[ids]

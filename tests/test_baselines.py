@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from peftbench import llm
-from peftbench.baselines import check_param, run_baseline
+from peftbench.config import ConfigError
+from peftbench.methods import METHODS, run_baseline
 from peftbench.data import Splits
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.store import write_json
@@ -279,7 +280,8 @@ def test_metrics_from_preds_match_and_count_invalid():
 
 
 def test_check_param():
-    assert check_param("llm", "truncate_side", "first") == "first"
+    llm = METHODS["llm"]
+    assert llm.check("arm", "truncate_side", "first") == "first"
     for key, value in [("truncate_side", "middle"), ("batch_size", 0), ("timeout_s", 0.0), ("model", "")]:
-        with pytest.raises(ValueError):
-            check_param("llm", key, value)
+        with pytest.raises(ConfigError, match=f"^arm.{key}: expected "):
+            llm.check("arm", key, value)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import RobertaConfig
 
-from peftbench import baselines, llm
+from peftbench import baselines, llm, methods
 from peftbench.cli import main
 from peftbench.config import ConfigError, expand_runs, load_study, validate_study
 from peftbench.data import Splits, collate, dataset_defaults, encode, encode_frame, load_splits, tokenize
@@ -280,7 +280,7 @@ def test_the_llm_arm_asks_about_both_parts(monkeypatch, tmp_path):
                           "label": [1, 0]})
     splits = Splits(train=frame, validation=frame, test=frame, labels=["different", "same"],
                     part_names=("premise", "hypothesis"))
-    out = baselines.run_baseline("llm", {"model": "m", "shots": 1}, splits, seed=0, cache_dir=tmp_path)
+    out = methods.run_baseline("llm", {"model": "m", "shots": 1}, splits, seed=0, cache_dir=tmp_path)
     assert out.preds.tolist() == [1, 1]
     system, shots, _, question = asked[0]
     assert "Premise and Hypothesis" in system["content"]

@@ -12,7 +12,7 @@ import torch
 
 from peftbench import methods
 from peftbench.cli import main
-from peftbench.config import ConfigError, load_study
+from peftbench.config import BUILTIN_STUDIES, ConfigError, load_study
 from peftbench.models import build_classifier
 from peftbench.runner import evaluate_saved
 from peftbench.spectrum import effective_weight, snapshot
@@ -257,7 +257,7 @@ def test_adalora_run_allocates_ranks(trained_store):
 
 
 def test_shipped_methods_study_covers_every_peft_method():
-    study = load_study(Path(methods.__file__).parent / "studies" / "methods.toml")
+    study = load_study(BUILTIN_STUDIES / "methods.toml")
     arms = {a.method: a for a in study.arms}
     assert set(methods.PEFT_METHODS) | {"full", "frozen"} <= set(arms)
     lora_options = [a.method_params for a in study.arms if a.method == "lora"]

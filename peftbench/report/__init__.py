@@ -25,11 +25,12 @@ from typing import Any
 
 import pandas as pd
 
-from peftbench import spectrum
+from peftbench import methods, spectrum
+from peftbench.config import REPORT_FIELDS
 from peftbench.report import calibration, document, errors, plots, render, tables, verdict
 from peftbench.store import METRICS, PREDICTIONS, Store, flatten, fresh_sibling, swap_in, write_json
 
-DEFAULT_SETTINGS = {"reference": "full", "metric": "accuracy", "selection_metric": "accuracy", "margin": 1.0}
+DEFAULT_SETTINGS = {name: f.default for name, f in REPORT_FIELDS.items()}  # a study's [report] without keys
 PAIRED_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
                   "recall_weighted")
 
@@ -121,8 +122,8 @@ def report_target(target: str | Path, overrides: list[str] | None = None, store:
 
 
 def settings_of(study: Any = None) -> dict[str, Any]:
-    """The study's [report] settings (checked when the study was loaded) over the defaults (reference 'full',
-    accuracy, margin 1 point)."""
+    """The study's [report] settings (checked when the study was loaded) over the defaults of
+    ``config.REPORT_FIELDS`` (reference 'full', accuracy, margin 1 point)."""
     return {**DEFAULT_SETTINGS, **(getattr(study, "report", None) or {})}
 
 
@@ -191,12 +192,12 @@ def sequential_key(model: str, dataset: str, arm: str) -> str:
 def baseline_check(group: pd.DataFrame, preds: dict[str, dict], num_labels: int | None) -> dict[str, Any] | None:
     """The untrained head against the majority-class baseline (not against nothing): Δ in accuracy points with its
     95% CI over seeds and test examples. None unless the group has both with predictions."""
-    arms = {m: group.loc[group["method"] == m, "arm"] for m in ("majority", "untrained")}
+    arms = {role: group.loc[group["method"].isin(methods.with_role(role)), "arm"] for role in ("floor", "untrained")}
     if any(not len(a) or not preds.get(a.iloc[0]) for a in arms.values()):
         return None
-    result = verdict.compare(preds[arms["majority"].iloc[0]], preds[arms["untrained"].iloc[0]], margin=0.0,
-                             metric="accuracy", num_labels=num_labels)
-    return {"majority": arms["majority"].iloc[0], "untrained": arms["untrained"].iloc[0],
+    floor, untrained = arms["floor"].iloc[0], arms["untrained"].iloc[0]
+    result = verdict.compare(preds[floor], preds[untrained], margin=0.0, metric="accuracy", num_labels=num_labels)
+    return {"majority": floor, "untrained": untrained,
             **{k: result.get(k) for k in ("reference_score", "candidate_score", "diff_points", "ci_low", "ci_high")}}
 
 
@@ -260,8 +261,8 @@ def analyse_group(group: pd.DataFrame, selected: pd.DataFrame, predictions: dict
     out["pair"], out["disagree_counts"], out["disagree"] = None, None, None
     if ref is not None and preds.get(ref["arm"]):
         others = group[(group["arm"] != ref["arm"]) & group["arm"].isin(list(with_preds))]
-        lora = others[others["method"] == "lora"]
-        other = tables.best_arm(lora if len(lora) else others, metric)
+        adapters = others[others["method"].isin(methods.with_role("adapter"))]
+        other = tables.best_arm(adapters if len(adapters) else others, metric)
         if other is not None:
             counts, table = errors.disagreements(preds[ref["arm"]], preds[other["arm"]], labels)
             out["pair"], out["disagree_counts"], out["disagree"] = (ref["arm"], other["arm"]), counts, table

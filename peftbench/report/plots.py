@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
-REFERENCE_LINES = {"full": ("full fine-tuning", "tab:red", "--"), "frozen": ("frozen encoder", "tab:gray", ":")}
+from peftbench import methods
 
 
 def png(fig: Figure, dpi: int = 110) -> bytes:
@@ -64,7 +64,7 @@ def metric_vs_rank(table: pd.DataFrame, metric: str = "accuracy") -> Figure | No
     for method, part in ranked.groupby("method", sort=False):
         ax.errorbar(part["r"], _pts(part[metric]), yerr=_pts(part[f"{metric}_std"].fillna(0)), marker="o",
                     capsize=4, label=f"{method} (mean ± std over seeds)")
-    for method, (label, color, style) in REFERENCE_LINES.items():
+    for method, (label, color, style) in methods.plot_lines().items():
         ref = table[table["method"] == method]
         for _, row in ref.iterrows():
             y, sd = _pts(row[metric]), _pts(row[f"{metric}_std"]) if pd.notna(row[f"{metric}_std"]) else 0.0
@@ -204,7 +204,7 @@ def reliability_diagram(bins: dict[str, pd.DataFrame] | None, summary: pd.DataFr
 def train_time(table: pd.DataFrame) -> Figure | None:
     """Training time per arm (mean ± std over seeds); log axis when the times span more than two decades. Arms that
     do not train (untrained head) are left out."""
-    t = table[(table["train_time_s"] > 0) & (table["method"] != "untrained")]
+    t = table[(table["train_time_s"] > 0) & table["method"].map(methods.in_cost_plot).astype(bool)]
     if not len(t):
         return None
     fig = Figure(figsize=(6, 0.5 * len(t) + 1.5))

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from peftbench import config
+from peftbench import config, methods
 
 # Runs are grouped by study as well: runs of two studies that share a model, dataset and arm label (say one with
 # max_train = 200) are two arms, never pooled.
@@ -33,8 +33,6 @@ PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes",
          "invalid",  # invalid: llm predictions whose reply named no label (counted wrong), mean over seeds
          "estimated_cost_usd"]  # llm arms: the price of the requests as a fresh run would pay it
-# Table order: baselines first, then by rank, the full fine-tuning reference last; unknown methods in between.
-METHOD_ORDER = {"majority": 0, "untrained": 0.5, "tfidf": 1, "lstm": 1.5, "llm": 2, "frozen": 3, "lora": 4, "full": 9}
 # Arms with at least this many seeds get a percentile bootstrap CI over seeds, fewer a Student t interval (seed_ci).
 MIN_SEEDS_FOR_BOOTSTRAP = 5
 
@@ -141,15 +139,15 @@ def seed_ci(values, confidence: float = 0.95, n_resamples: int = 2000) -> tuple[
 
 
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows by study, model, dataset, then method (baselines first, full fine-tuning last), rank and arm label; the
-    order within an arm is kept (stable)."""
+    """Rows by study, model, dataset, then method (``methods.order``: baselines first, full fine-tuning last), rank
+    and arm label; the order within an arm is kept (stable)."""
     if not len(frame):
         return frame.reset_index(drop=True)
 
     def key(i):
         row = frame.loc[i]
         r = row.get("r")
-        return (str(row.get("study")), str(row["model"]), str(row["dataset"]), METHOD_ORDER.get(row["method"], 5),
+        return (str(row.get("study")), str(row["model"]), str(row["dataset"]), methods.order(row["method"]),
                 float(r) if pd.notna(r) else 0.0, str(row["arm"]))
 
     return frame.loc[sorted(frame.index, key=key)].reset_index(drop=True)
