@@ -26,7 +26,9 @@ record.json`` lists every trial, its run id and value, each arm's choice and the
 a trial asked but never told (an interrupted run) is run (or found in the store) and told, then the search asks only
 for the trials still missing; with all done it runs nothing new. The sampler is re-seeded before each trial from
 ``search.seed`` and the trial's number, so an interrupted and resumed search proposes what an uninterrupted one
-would. Sampled floats (without a ``step``) are rounded to 4 significant digits, so labels stay readable.
+would. A trial whose run another runner holds stays open (neither failed nor re-asked) and its arm's best setting
+waits for a later re-run. Sampled floats (without a ``step``) are rounded to 4 significant digits, so labels stay
+readable.
 
 Example::
 
@@ -207,25 +209,31 @@ def run_search(study: Study, store: str | Path | None = None,
         for point, ostudy in searched:
             trials = ostudy.get_trials(deepcopy=False)
             open_ = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]  # asked, never told
-            if not open_:
-                for number in range(len(trials), min(len(trials) + s["batch"], s["trials"])):
-                    ostudy.sampler = _sampler(optuna, s, number)
-                    open_.append(ostudy.ask(dists[id(point)]))
+            for number in range(len(trials), min(len(trials) + s["batch"] - len(open_), s["trials"])):
+                ostudy.sampler = _sampler(optuna, s, number)
+                open_.append(ostudy.ask(dists[id(point)]))
             batch += [(point, ostudy, t.number, point.trial_run(_readable(t.params, point.space))) for t in open_]
         if not batch:
             break
-        told = sum(t.state.is_finished() for _, o in searched for t in o.get_trials(deepcopy=False))
-        say(f"search: {len(batch)} trial(s) of {len({p.key for p, *_ in batch})} arm(s) ({told} of "
+        finished = sum(t.state.is_finished() for _, o in searched for t in o.get_trials(deepcopy=False))
+        say(f"search: {len(batch)} trial(s) of {len({p.key for p, *_ in batch})} arm(s) ({finished} of "
             f"{len(searched) * s['trials']} done)")
         execute(list({r.run_id: r for *_, r in batch}.values()))
+        told = 0
         for point, ostudy, number, run in batch:
+            if store_obj.status(run.run_id) is None:  # held by another runner: its trial stays open
+                continue
             value = _value(store_obj, run, metric)
+            told += 1
             if value is None:
-                ostudy.tell(number, state=optuna.trial.TrialState.FAIL)
+                ostudy.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             else:
-                ostudy.tell(number, value)
+                ostudy.tell(number, value, skip_if_finished=True)
+        if not told:
+            say("search: the open trials' runs are held by another runner; re-run when it has finished them")
+            break
 
-    record: dict[str, Any] = {"study": study.name, **s, "metric": f"val_{metric}", "direction": direction,
+    record: dict[str, Any] = {"study": study.name, "search": s, "metric": f"val_{metric}", "direction": direction,
                               "search_seed": study.seeds[0], "seeds": list(study.seeds), "arms": {},
                               "run_ids": [r.run_id for r in fixed]}
     finals = []
@@ -237,7 +245,10 @@ def run_search(study: Study, store: str | Path | None = None,
                 for t in trials]
         arm = {"storage": str((folder / f"{point.point_id}.journal").relative_to(store_obj.root)),
                "space": point.space, "trials": rows, "best": None, "run_ids": []}
-        if done:
+        if sum(t.state.is_finished() for t in trials) < s["trials"]:
+            say(f"search {point.key}: {sum(t.state.is_finished() for t in trials)} of {s['trials']} trials done; "
+                f"its best setting runs when all are")
+        elif done:
             sign = 1 if direction == "maximize" else -1
             best = max(done, key=lambda t: (sign * t.value, -t.number))
             params = _readable(best.params, point.space)

@@ -239,3 +239,20 @@ def test_ray_runs_the_trials_as_tasks(tmp_path, frozen_study, uninterrupted):
     _, reference = uninterrupted
     assert trial_params(record) == trial_params(reference)  # the same proposals, two trials per round as tasks
     assert Store(store).run_ids() == sorted({t["run_id"] for a in record["arms"].values() for t in a["trials"]})
+
+
+def test_a_trial_held_by_another_runner_stays_open_until_a_later_run(tmp_path, frozen_study, uninterrupted):
+    """Another live runner holds the first trial's run: that trial is neither failed nor re-asked, the arm's best
+    setting waits, and a re-run after the other runner is gone completes the search as if nothing happened."""
+    _, reference = uninterrupted
+    (arm,) = reference["arms"]
+    held = reference["arms"][arm]["trials"][0]["run_id"]
+    study, store = load_study(frozen_study), Store(tmp_path / "store")
+    assert store.claim(held, "other:runner")
+    record = run_search(study, store.root)
+    states = [t["state"] for t in record["arms"][arm]["trials"]]
+    assert states == ["RUNNING", "COMPLETE", "COMPLETE"] and record["arms"][arm]["run_ids"] == []
+    store.release(held, "other:runner")
+    record = run_search(study, store.root)
+    assert trial_params(record) == trial_params(reference)
+    assert record["arms"][arm]["best"] == reference["arms"][arm]["best"]
