@@ -145,12 +145,14 @@ def _distribution(optuna, table: dict[str, Any]):
 
 
 def _readable(params: dict[str, Any], space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Sampled floats without a step, rounded to 4 significant digits (kept inside their range)."""
+    """Sampled floats without a step rounded to 4 significant digits (kept inside their range); with a step, to 12
+    (0.15, not 0.15000000000000002)."""
     out = {}
     for key, value in params.items():
         table = space[key]
-        if isinstance(value, float) and "choices" not in table and table.get("step") is None:
-            value = min(max(float(f"{value:.4g}"), table["low"]), table["high"])
+        if isinstance(value, float) and "choices" not in table:
+            digits = 4 if table.get("step") is None else 12
+            value = min(max(float(f"{value:.{digits}g}"), table["low"]), table["high"])
         out[key] = value
     return out
 

@@ -33,11 +33,12 @@ r = 2
 epochs = 2
 {LR}
 """
-FROZEN = f"""
+SPACE = {"lr": LR, "batch_size": "batch_size = { choices = [16, 32] }",
+         "warmup_ratio": "warmup_ratio = { low = 0.0, high = 0.2, step = 0.05 }"}
+FROZEN = """
 [[arms]]
 method = "frozen"
-{LR}
-"""
+""" + "\n".join(SPACE.values()) + "\n"
 
 
 def search_study(folder, model, data, arms=ARMS, search='search = { trials = 3, seed = 0 }\nreport = { reference = "frozen" }',
@@ -160,15 +161,21 @@ def test_the_sampler_seed_decides_the_proposals(tmp_path, frozen_study, uninterr
 
 
 def test_a_trial_is_the_run_of_a_fixed_setting(frozen_study, uninterrupted):
-    """A trial's run id is that of the same study with the sampled value written in (content-addressed)."""
+    """A trial's run id is that of the same study with the sampled values written in (content-addressed), whatever
+    the kind of range (log float, categorical, float with a step)."""
     store, record = uninterrupted
     (arm,) = record["arms"].values()
-    lr = arm["trials"][0]["params"]["lr"]
-    text = frozen_study.read_text().replace(LR, f"lr = {lr!r}").replace("search = { trials = 3, batch = 2 }", "")
+    params = arm["trials"][0]["params"]
+    assert params["batch_size"] in (16, 32) and isinstance(params["batch_size"], int)
+    assert params["warmup_ratio"] in (0.0, 0.05, 0.1, 0.15, 0.2)
+    text = frozen_study.read_text().replace("search = { trials = 3, batch = 2 }", "")
+    for key, line in SPACE.items():
+        text = text.replace(line, f"{key} = {params[key]!r}")
     plain = frozen_study.parent / "plain.toml"
     plain.write_text(text)
     (run,) = expand_runs(load_study(plain))
     assert run.run_id == arm["trials"][0]["run_id"]
+    assert read_result(store / run.run_id)["config"]["train"]["batch_size"] == params["batch_size"]
     assert not expand_runs(load_study(frozen_study))  # the searched arm has no fixed runs
 
 
