@@ -556,6 +556,9 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
 def _check_search(where: str, raw_search: Any, study: Study) -> None:
     """The ``search`` table (sets ``study.search``), and its ranges: a range needs the table and the table a range;
     an arm with a range has no train list (grid) beside it."""
+    if raw_search is None and not any(map(is_range, [*study.train.values(), *(v for a in study.arms
+                                                                              for v in a.train.values())])):
+        return  # no search: nothing to check (and nothing expanded)
     ranged = [run for run in expand_runs(study, searched=True) if any(map(is_range, run.train.values()))]
     if raw_search is None:
         if ranged:
