@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def check(study: Study, until_decided: bool = False) -> None:
         return
     if until_decided:
         raise ConfigError(f"{study.path or 'study'}: search: --until-decided does not run a study with a search "
-                          f"(yet): run the search first, without it")
+                          f"(yet); run it without --until-decided")
     _optuna()
 
 
@@ -126,8 +127,6 @@ def search_dir(store: Store, study: str) -> Path:
 
 def read_record(store: str | Path, study: str) -> dict[str, Any] | None:
     """The search record of ``study`` in ``store``, None if it never searched."""
-    import json
-
     path = search_dir(Store(store), study) / "record.json"
     try:
         return json.loads(path.read_text())
@@ -181,6 +180,8 @@ def run_search(study: Study, store: str | Path | None = None,
     """Run ``study``'s fixed runs, its search (see the module doc), then each searched arm's best setting on every
     seed. ``execute(runs)`` runs the given runs of the study (default: the local executor). Returns the record
     (also written to ``STORE/.search/<study>/record.json``); its ``run_ids`` are the study's runs for the report."""
+    if not study.search:
+        raise ConfigError(f"{study.path or 'study'}: no search table to run")
     optuna = _optuna()
     store_obj = Store(store or study.store)
     if execute is None:

@@ -41,8 +41,10 @@ method = "frozen"
 """ + "\n".join(SPACE.values()) + "\n"
 
 
-def search_study(folder, model, data, arms=ARMS, search='search = { trials = 3, seed = 0 }\nreport = { reference = "frozen" }',
-                 seeds="[0, 1]"):
+SEARCH = 'search = { trials = 3, seed = 0 }\nreport = { reference = "frozen" }'
+
+
+def search_study(folder, model, data, arms=ARMS, search=SEARCH, seeds="[0, 1]"):
     folder.mkdir(parents=True, exist_ok=True)
     return write_study(folder / "study.toml", model, data, arms, extra=search, seeds=seeds)
 
@@ -82,7 +84,8 @@ def test_every_arm_gets_the_same_trials_each_a_stored_run_chosen_on_validation(t
             result = read_result(store / trial["run_id"])  # an ordinary stored run of the sampled setting
             assert result["status"] == "success" and result["config"]["seed"] == 0
             assert result["config"]["train"]["lr"] == trial["params"]["lr"]
-            assert 1e-2 <= trial["params"]["lr"] <= 3e-1 and trial["params"]["lr"] == float(f"{trial['params']['lr']:.4g}")
+            lr = trial["params"]["lr"]
+            assert 1e-2 <= lr <= 3e-1 and lr == float(f"{lr:.4g}")  # in range, rounded to 4 significant digits
             assert trial["value"] == result["metrics"]["validation"]["accuracy"]  # told the validation score
         best = max(arm["trials"], key=lambda t: (t["value"], -t["number"]))
         assert arm["best"]["number"] == best["number"]
