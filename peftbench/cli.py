@@ -117,8 +117,14 @@ def cmd_validate(args) -> int:
     rows = [{"run_id": r.run_id, "arm": r.arm, "model": r.model, "dataset": r.dataset["name"],
              "lr": r.train.get("lr"), "scheduler": r.train.get("lr_scheduler"), "seed": r.seed,
              "stored": store.status(r.run_id) or "-"} for r in runs]
-    _print_table(rows, list(rows[0]))
+    if rows:  # a study whose every arm is searched has no fixed runs
+        _print_table(rows, list(rows[0]))
     print(f"{study.name}: {len(runs)} runs, {sum(r['stored'] == 'success' for r in rows)} already in {store.root}")
+    if study.search:
+        from peftbench import search
+
+        search.check(study)
+        print(search.describe(study))
     _notice_old_run_ids(study, store)
     return 0
 
@@ -150,6 +156,10 @@ def _run(study, args) -> int:
     from peftbench.store import Store
 
     until = getattr(args, "until_decided", False)
+    if study.search:
+        from peftbench import search
+
+        search.check(study, until)  # Optuna installed, no --until-decided
     if until:
         from peftbench import sequential
 
@@ -190,6 +200,8 @@ def _run(study, args) -> int:
     if until:
         record = sequential.run_until_decided(study, args.store or study.store, execute, args.max_seeds,
                                               args.seed_step)
+    elif study.search:
+        record = search.run_search(study, args.store or study.store, execute)
     else:
         execute()
     store = summaries[0].store
@@ -203,7 +215,7 @@ def _run(study, args) -> int:
     if getattr(args, "report", True) and run_ids:
         from peftbench.report import write_report
 
-        out = write_report(store, run_ids=run_ids, study=study, sequential=record)
+        out = write_report(store, run_ids=run_ids, study=study, sequential=record if until else None)
         print(f"report: {Path(out).resolve() / 'report.md'}")
         _print_verdicts(Path(out))
     if failed:

@@ -147,8 +147,24 @@ TRACKING_FIELDS: dict[str, Field] = by_name(
     Field("wandb_project", "str?", None, "wandb project of the runs (default: WANDB_PROJECT, else peftbench)"),
 )
 
-STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report", "tracking"}
+STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report", "tracking",
+                "search"}
 ARM_FIXED_FIELDS = {"method", "name"}
+
+# Hyperparameter search (peftbench.search, through Optuna): the study's `search` table, and the train settings that
+# may be given as a range table (`lr = { low = 1e-5, high = 1e-3, log = true }`) or as `{ choices = [...] }`.
+SEARCH_FIELDS: dict[str, Field] = by_name(
+    Field("trials", int, None, "trials per searched arm (per model × dataset): the same number for every arm, each an "
+          "ordinary stored run on the study's first seed; required", minimum=1),
+    Field("sampler", str, "tpe", "Optuna sampler proposing the trials: tpe or random", choices=("tpe", "random")),
+    Field("seed", int, 0, "seed of the sampler (the same proposals on every re-run and resume)"),
+    Field("batch", int, 1, "trials proposed at once per arm (run together: in parallel with --executor ray)",
+          minimum=1),
+    Field("startup", "int?", None, "tpe: random trials before TPE takes over (default: Optuna's 10)", minimum=1),
+)
+SEARCHABLE = ("lr", "head_lr", "weight_decay", "warmup_ratio", "max_grad_norm", "batch_size", "epochs",
+              "early_stopping_patience", "lr_scheduler")
+RANGE_KEYS = ("low", "high", "log", "step", "choices")
 
 
 def _check_table(where: str, table: Any, fields: dict, extra: set[str] = frozenset()) -> dict:
@@ -162,6 +178,66 @@ def _check_table(where: str, table: Any, fields: dict, extra: set[str] = frozens
 
 def _check_train(where: str, key: str, value: Any) -> Any:
     return TRAIN_FIELDS[key].check(f"{where}.{key}", value)
+
+
+def is_range(value: Any) -> bool:
+    """A train setting given as a search range table (``{low, high, log, step}`` or ``{choices}``), not a value."""
+    return isinstance(value, dict)
+
+
+def _check_range(where: str, key: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A search range of train setting ``key`` (see SEARCHABLE), normalised: ``{"choices": [...]}`` or
+    ``{"low", "high", "log"[, "step"]}``; each bound and choice is checked like a value of the setting."""
+    at = f"{where}.{key}"
+    if key not in SEARCHABLE:
+        raise ConfigError(f"{at}: a search range table is only for {', '.join(SEARCHABLE)}; got one for {key}")
+    unknown = sorted(set(table) - set(RANGE_KEYS))
+    if unknown:
+        raise ConfigError(f"{at}: unknown key '{unknown[0]}' in a search range (expected one of: "
+                          f"{', '.join(RANGE_KEYS)})")
+
+    def value(sub: str, v: Any) -> Any:
+        if v is None:
+            raise ConfigError(f"{at}.{sub}: expected a value of {key}, got None")
+        try:
+            return _check_train(where, key, v)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(f"{at}:", f"{at}.{sub}:", 1)) from None
+
+    if "choices" in table:
+        if len(table) > 1:
+            raise ConfigError(f"{at}: 'choices' goes alone in a search range (no low/high/log/step with it)")
+        choices = table["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{at}.choices: expected a non-empty list of values, got {choices!r}")
+        return {"choices": [value("choices", c) for c in choices]}
+    kind = TRAIN_FIELDS[key].kind
+    if kind not in (int, float, "int?", "float?"):
+        raise ConfigError(f"{at}: {key} takes no low/high range; give its values as {{ choices = [...] }}")
+    for bound in ("low", "high"):
+        if bound not in table:
+            raise ConfigError(f"{at}.{bound}: missing (a search range is {{ low = ..., high = ... }})")
+    low, high = value("low", table["low"]), value("high", table["high"])
+    if not low < high:
+        raise ConfigError(f"{at}: expected low < high, got low = {low!r}, high = {high!r}")
+    out = {"low": low, "high": high, "log": check_value(f"{at}.log", bool, table.get("log", False))}
+    if out["log"] and low <= 0:
+        raise ConfigError(f"{at}.log: a log range needs low > 0, got low = {low!r}")
+    if "step" in table:
+        if out["log"]:
+            raise ConfigError(f"{at}.step: not with log = true (Optuna samples a log range without a step)")
+        step = check_value(f"{at}.step", int if kind in (int, "int?") else float, table["step"])
+        if not step > 0:
+            raise ConfigError(f"{at}.step: expected a number > 0, got {step!r}")
+        out["step"] = step
+    return out
+
+
+def _train_setting(where: str, key: str, value: Any) -> Any:
+    """A train setting of ``[train]`` or an arm: a value, a list (grid axis) or a search range table."""
+    if is_range(value):
+        return _check_range(where, key, value)
+    return _grid(where, key, value, lambda w, k, v: _check_train(w, k, v))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -193,6 +269,7 @@ class Study:
     arms: list[Arm]
     report: dict[str, Any]
     description: str = ""
+    search: dict[str, Any] | None = None  # the `search` table (peftbench.search); None: no search
     tracking: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(  # [tracking], defaults filled in
         {k: f.default for k, f in TRACKING_FIELDS.items()}))
 
@@ -426,7 +503,7 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     _check_table(f"{where}: train", raw_train, TRAIN_FIELDS)
     train = {k: f.default for k, f in TRAIN_FIELDS.items()}
     for key, value in raw_train.items():
-        train[key] = _grid(f"{where}: train", key, value, lambda w, k, v: _check_train(w, k, v))
+        train[key] = _train_setting(f"{where}: train", key, value)
 
     raw_report = raw.get("report", {})
     _check_table(f"{where}: report", raw_report, REPORT_FIELDS)
@@ -460,24 +537,61 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
             if key in ARM_FIXED_FIELDS:
                 continue
             if key in spec.params:
+                if is_range(value):
+                    raise ConfigError(f"{awhere}.{key}: a search range table is only for train settings "
+                                      f"({', '.join(SEARCHABLE)}); {key} is a method parameter (give a list)")
                 mparams[key] = _grid(awhere, key, value, lambda w, k, v: spec.check(w, k, v),
                                      list_valued=key in _list_keys(spec.params))
             else:
-                tparams[key] = _grid(awhere, key, value, lambda w, k, v: _check_train(w, k, v))
+                tparams[key] = _train_setting(awhere, key, value)
         arms.append(Arm(method=method, name=arm_name, method_params=mparams, train=tparams))
 
     study = Study(name=name, path=path, store=store, seeds=seeds, models=models, datasets=datasets, train=train,
                   arms=arms, report=report, description=description, tracking=tracking)
+    _check_search(where, raw.get("search"), study)
     if "reference" in raw_report:
         check_reference(f"{where}: report.reference", study)
     return study
+
+
+def _check_search(where: str, raw_search: Any, study: Study) -> None:
+    """The ``search`` table (sets ``study.search``), and its ranges: a range needs the table and the table a range;
+    an arm with a range has no train list (grid) beside it."""
+    if raw_search is None and not any(map(is_range, [*study.train.values(), *(v for a in study.arms
+                                                                              for v in a.train.values())])):
+        return  # no search: nothing to check (and nothing expanded)
+    ranged = [run for run in expand_runs(study, searched=True) if any(map(is_range, run.train.values()))]
+    if raw_search is None:
+        if ranged:
+            key = next(k for k, v in ranged[0].train.items() if is_range(v))
+            raise ConfigError(f"{where}: arm '{ranged[0].arm}': {key} is a search range table, which needs a search "
+                              f"table in the study (search = {{ trials = N }})")
+        return
+    swhere = f"{where}: search"
+    _check_table(swhere, raw_search, SEARCH_FIELDS)
+    if "trials" not in raw_search:
+        raise ConfigError(f"{swhere}.trials: missing (expected the number of trials per arm, an integer >= 1)")
+    search = {k: f.check(f"{swhere}.{k}", raw_search.get(k, f.default)) for k, f in SEARCH_FIELDS.items()}
+    if not ranged:
+        raise ConfigError(f"{swhere}: no arm has a train setting to search (give one as a range table, e.g. "
+                          f"lr = {{ low = 1e-5, high = 1e-3, log = true }})")
+    for i, arm in enumerate(study.arms):
+        spec = methods.METHODS[arm.method]
+        merged = spec.relevant_train({**study.train, **arm.train})
+        if any(map(is_range, merged.values())):
+            for key, value in merged.items():
+                if isinstance(value, list):
+                    at = f"{where}: arms[{i}].{key}" if key in arm.train else f"{where}: train.{key}"
+                    raise ConfigError(f"{at}: a list (grid) in an arm with a search range; give its values as "
+                                      f"{{ choices = [...] }} to search them")
+    study.search = search
 
 
 def check_reference(where: str, study: Study) -> None:
     """An explicit ``report.reference`` must name an arm: one of its labels, or a method of some arm (the rule of
     ``peftbench.report.tables.find_reference``)."""
     reference = study.report["reference"]
-    names = {arm.method for arm in study.arms} | {run.arm for run in expand_runs(study)}
+    names = {arm.method for arm in study.arms} | {run.arm for run in expand_runs(study, searched=True)}
     if reference not in names:
         raise ConfigError(f"{where}: {reference!r} names no arm (expected an arm label or method: "
                           f"{', '.join(sorted(names))})")
@@ -515,8 +629,12 @@ def _flat(v: list) -> bool:
     return all(isinstance(x, str) for x in v)
 
 
-def expand_runs(study: Study) -> list[RunConfig]:
-    """Expand a study into its runs (deduplicated by run id, in a stable order)."""
+def expand_runs(study: Study, searched: bool = False) -> list[RunConfig]:
+    """Expand a study into its runs (deduplicated by run id, in a stable order).
+
+    Runs with a train setting given as a search range are the search's (:mod:`peftbench.search` proposes their
+    values): left out, unless ``searched``, which includes them as templates (their ``train`` holds the range tables;
+    never run)."""
     runs: dict[str, RunConfig] = {}
     study_dir = str(study.path.parent.resolve()) if study.path else None
     for model in study.models:
@@ -530,6 +648,8 @@ def expand_runs(study: Study) -> list[RunConfig]:
                     label = spec.label(arm.name, mparams, mkeys)
                     for tparams in tgrid:
                         tparams = spec.relevant_train(tparams)
+                        if not searched and any(map(is_range, tparams.values())):
+                            continue
                         for seed in study.seeds:
                             run = RunConfig(study=study.name, arm=label, model=model, dataset=dataset,
                                             method=arm.method, method_params=mparams, train=tparams, seed=seed,
@@ -558,7 +678,8 @@ def reference_markdown() -> str:
     """The study-file reference tables of the README, generated from the field specs (a test keeps them equal)."""
     parts = [reference_table("`[train]` (and any arm)", TRAIN_FIELDS),
              reference_table("`[datasets.NAME]`", DATASET_FIELDS), reference_table("`[report]`", REPORT_FIELDS),
-             reference_table("`[tracking]`", TRACKING_FIELDS)]
+             reference_table("`[tracking]`", TRACKING_FIELDS),
+             reference_table("`[search]` (hyperparameter search through Optuna: docs/search.md)", SEARCH_FIELDS)]
     for name, method in methods.METHODS.items():
         if method.params:
             parts.append(reference_table(f"`method = \"{name}\"`: {method.doc}", method.params))

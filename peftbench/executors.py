@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench import methods, progress, trackers
-from peftbench.config import RunConfig, Study, expand_runs
+from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.environment import environment_base, pick_device
 from peftbench.runner import execute_run, get_splits
 from peftbench.store import HEARTBEAT_S, HOST, Store
@@ -66,6 +66,9 @@ def plan_runs(study: Study, store: Store, retry_failed: bool = True,
     """Open the store (removing half-built folders of dead runners) and split the study's runs (or ``runs``, a subset
     such as the seeds ``--until-decided`` adds) into those already done (counted in the summary) and those to run
     (unique by run id)."""
+    if runs is None and study.search:  # expand_runs leaves the searched arms out: their runs come from the search
+        raise ConfigError(f"{study.path or 'study'}: search: a study with a search runs through "
+                          f"peftbench.search.run_search (or peftbench run), not the executors alone")
     store.open()
     runs = expand_runs(study) if runs is None else runs
     summary = StudySummary(store=store.root, run_ids=[r.run_id for r in runs])

@@ -403,7 +403,7 @@ def check_method_params(study: Study, configs: dict[str, Any]) -> None:
     file and the arm's field, before anything trains."""
     where = str(study.path) if study.path else "study"
     seen = set()
-    for run in expand_runs(study):
+    for run in expand_runs(study, searched=True):  # searched arms too: their method params are fixed
         key = (run.model, run.method, json.dumps(run.method_params, sort_keys=True), run.train.get("pooling"))
         if run.model not in configs or key in seen:
             continue

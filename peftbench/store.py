@@ -41,9 +41,17 @@ PREDICTIONS = "predictions.parquet"
 SPECTRUM = "spectrum.json"
 CLAIMS = ".claims"
 SEQUENTIAL = ".sequential"
+SEARCH = ".search"  # STORE/.search/<study>/: hyperparameter searches
 HEARTBEAT_S = 30.0  # how often a running run touches its claim
 CLAIM_TIMEOUT_S = 300.0  # a claim untouched for this long is stale, whatever host holds it
 HOST = socket.gethostname()
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
@@ -282,11 +290,15 @@ class Store:
 
     def read_sequential(self, study: str) -> dict[str, Any] | None:
         """The sequential record of ``study``, None if it never ran with ``--until-decided``."""
-        path = self.sequential_path(study)
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return _read_record(self.sequential_path(study))
+
+    def search_dir(self, study: str) -> Path:
+        """The folder of ``study``'s hyperparameter search (``peftbench.search``): Optuna journals and its record."""
+        return self.root / SEARCH / study
+
+    def read_search(self, study: str) -> dict[str, Any] | None:
+        """The search record of ``study`` (``record.json``), None if it never searched."""
+        return _read_record(self.search_dir(study) / "record.json")
 
     def run_ids(self) -> list[str]:
         if not self.root.is_dir():

@@ -108,6 +108,8 @@ def report_target(target: str | Path, overrides: list[str] | None = None, store:
         record = Store(root).read_sequential(study.name)
         if record:
             run_ids = list(dict.fromkeys(run_ids + record["run_ids"]))
+        if study.search:  # the searched arms' runs: each one's best setting on every seed (not the other trials)
+            run_ids = list(dict.fromkeys(run_ids + ((Store(root).read_search(study.name) or {}).get("run_ids") or [])))
     else:
         root, run_ids = path, None
     if not Store(root).run_ids():
