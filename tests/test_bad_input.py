@@ -241,7 +241,7 @@ def test_study_text_never_becomes_a_live_link_in_reports(tmp_path):
     assert "javascript" in page and "<a href=\"javascript" not in page and "<img src=x" not in page
     assert 'href="java&amp;#115;cript' not in page
     # Markdown: every "](" that is not the report's own file link, and every "<" that could open a tag, is escaped
-    assert re.search(r"(?<!\\)\]\((?!(results|runs|table|report|plots/)[\w./-]*\))", md) is None
+    assert re.search(r"(?<!\\)\]\((?!(results|runs|per_class|table|report|plots/)[\w./-]*\))", md) is None
     assert re.search(r"(?<!\\)<[A-Za-z/!?]", md) is None and "\\<img src=x" in md
     assert "[results.csv](results.csv)" in md and '<a href="results.csv">' in page  # the report's own links stay
 

@@ -51,6 +51,7 @@ OTHER_WRITERS = {
                                                       "below)",
     ("peftbench.methods.peft_methods", "PeftMethod.save_weights"): "a peft adapter, into RunWriter.weights_dir",
     ("peftbench.report.compare", "write_comparison"): "the comparison folder being built (store.fresh_sibling)",
+    ("peftbench.search", "run_search"): "the search's Optuna journals and record, STORE/.search/<study>/",
     ("peftbench.trackers", "MlflowTracker.__init__"): "the MLflow tracking folder, STORE/.mlflow/",
     ("peftbench.trackers", "WandbTracker.__init__"): "the W&B offline folder, STORE/.wandb/",
 }
