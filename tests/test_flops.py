@@ -96,3 +96,6 @@ def test_runs_record_flops(tmp_path, tiny_bert, tiny_data):
     assert by_method["lora"]["train_flops"] > by_method["frozen"]["train_flops"] > 0
     assert by_method["lora"]["train_flops_per_s"] > 0 and by_method["lora"]["eval_flops"] > 0
     assert by_method["untrained"]["train_flops"] is None and by_method["untrained"]["eval_flops"] > 0
+    assert main(["report", str(tmp_path / "store")]) == 0
+    report = (tmp_path / "store" / "report" / "report.md").read_text()
+    assert "Train GFLOP/s" in report  # the achieved FLOP/s beside the training time

@@ -66,6 +66,8 @@ def arm_display(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     out["Train time (s)"] = [num(t) + ("" if missing(s) else f" ± {num(s)}")
                              for t, s in zip(table["train_time_s"], table["train_time_s_std"])]
     out["Examples/s"] = [num(x) for x in table["train_examples_per_s"]]
+    if "train_flops_per_s" in table and table["train_flops_per_s"].notna().any():  # peftbench.flops: model FLOPs
+        out["Train GFLOP/s"] = [num(x / 1e9) for x in table["train_flops_per_s"]]
     out["Peak memory (MB)"] = [num(x, 0) for x in table["peak_memory_mb"]]
     out["Adapter size"] = [size(x) for x in table["adapter_size_bytes"]]
     if "invalid" in table and table["invalid"].notna().any():  # llm arms: replies that named no label
