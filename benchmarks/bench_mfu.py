@@ -216,7 +216,7 @@ def section_verdict(runs: dict, store: Store) -> dict:
     a = verdict.judge(today, fast, margin=MARGIN, num_labels=2)
     b = verdict.judge(fast, today, margin=MARGIN, num_labels=2)
     return {"fast vs today": {k: a.get(k) for k in keep}, "today vs fast": {k: b.get(k) for k in keep},
-            "margin": MARGIN, "no detectable difference": a["ci_low"] <= 0 <= a["ci_high"],
+            "margin": MARGIN, "no detectable difference": bool(a["ci_low"] <= 0 <= a["ci_high"]),
             "equivalent within the margin": a["verdict"] in ("non-inferior", "superior")
             and b["verdict"] in ("non-inferior", "superior")}
 
