@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench import methods
+from peftbench.evaluate import METRICS  # noqa: F401 - the report's metric choices (also importable from here)
 from peftbench.fields import Field, by_name, reference_table
 from peftbench.trackers import BACKENDS as TRACKERS
 from peftbench.fields import ConfigError, check_value  # also importable from here
@@ -51,9 +52,6 @@ DEFAULT_STUDY = BUILTIN_STUDIES / "demo.toml"
 # Field specs (peftbench.fields.Field: kind, default, one-line doc, constraint)
 # --------------------------------------------------------------------------------------------------------------------
 
-# The test metrics every run stores (evaluate.compute_metrics), in the report's column order.
-METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
-           "recall_macro", "roc_auc")
 LEARNING_RATE = "a positive learning rate"
 
 TRAIN_FIELDS: dict[str, Field] = by_name(
@@ -147,8 +145,29 @@ TRACKING_FIELDS: dict[str, Field] = by_name(
     Field("wandb_project", "str?", None, "wandb project of the runs (default: WANDB_PROJECT, else peftbench)"),
 )
 
-STUDY_FIELDS = {"name", "description", "store", "seeds", "models", "datasets", "train", "arms", "report", "tracking",
-                "search"}
+def _nonempty_list(what: str, item: Any):
+    """A ``parse`` for a top-level list setting: one value or a non-empty list of them."""
+
+    def parse(where: str, value: Any) -> list:
+        value = [value] if isinstance(value, item) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list of {what}, got {value!r}")
+        return [check_value(where, item, v) for v in value]
+
+    return parse
+
+
+STUDY_TOP_FIELDS: dict[str, Field] = by_name(
+    Field("name", "str?", None, "the study's name, the label of its runs (default: the file's name)"),
+    Field("description", str, "", "what the study asks, in a sentence (shown in the report)"),
+    Field("store", str, "runs", "the store folder of its runs (relative to the working directory; `--store` overrides "
+          "it)"),
+    Field("seeds", "list[int]", [0], "run seeds: every arm and setting runs once per seed (one integer or a list)",
+          parse=_nonempty_list("integers", int)),
+    Field("models", "list[str]", ["builtin:minilm"], "encoders: builtin:minilm, hub ids or local folders (relative "
+          "to the study file)", parse=_nonempty_list("model names", str)),
+)
+STUDY_FIELDS = set(STUDY_TOP_FIELDS) | {"datasets", "train", "arms", "report", "tracking", "search"}
 ARM_FIXED_FIELDS = {"method", "name"}
 
 # Hyperparameter search (peftbench.search, through Optuna): the study's `search` table, and the train settings that
@@ -458,21 +477,11 @@ def validate_study(raw: dict[str, Any], path: Path | None = None) -> Study:
     _check_table(where, raw, {k: None for k in STUDY_FIELDS})
     base = path.parent.resolve() if path else None
 
-    name = check_value(f"{where}: name", str, raw.get("name", path.stem if path else "study"))
-    description = check_value(f"{where}: description", str, raw.get("description", ""))
-    store = _resolve_path(check_value(f"{where}: store", str, raw.get("store", "runs")), None, f"{where}: store")
-
-    seeds = raw.get("seeds", [0])
-    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
-    if not isinstance(seeds, list) or not seeds:
-        raise ConfigError(f"{where}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    seeds = [check_value(f"{where}: seeds", int, s) for s in seeds]
-
-    models = raw.get("models", ["builtin:minilm"])
-    models = [models] if isinstance(models, str) else models
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{where}: models: expected a non-empty list of model names, got {models!r}")
-    models = [_resolve_path(check_value(f"{where}: models", str, m), base, f"{where}: models") for m in models]
+    top = {k: f.check(f"{where}: {k}", raw.get(k, f.default)) for k, f in STUDY_TOP_FIELDS.items()}
+    name = top["name"] if top["name"] is not None else (path.stem if path else "study")
+    description, seeds = top["description"], top["seeds"]
+    store = _resolve_path(top["store"], None, f"{where}: store")
+    models = [_resolve_path(m, base, f"{where}: models") for m in top["models"]]
 
     raw_datasets = raw.get("datasets", {"rotten_tomatoes": {"source": "builtin:rotten_tomatoes"}})
     if not isinstance(raw_datasets, dict) or not raw_datasets:
@@ -676,7 +685,7 @@ def _check_tracking(where: str, raw: Any) -> dict[str, Any]:
 
 def reference_markdown() -> str:
     """The study-file reference tables of the README, generated from the field specs (a test keeps them equal)."""
-    parts = [reference_table("`[train]` (and any arm)", TRAIN_FIELDS),
+    parts = [reference_table("Top level", STUDY_TOP_FIELDS), reference_table("`[train]` (and any arm)", TRAIN_FIELDS),
              reference_table("`[datasets.NAME]`", DATASET_FIELDS), reference_table("`[report]`", REPORT_FIELDS),
              reference_table("`[tracking]`", TRACKING_FIELDS),
              reference_table("`[search]` (hyperparameter search through Optuna: docs/search.md)", SEARCH_FIELDS)]

@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+# The test metrics every run stores (compute_metrics), in the report's column order: the one list of them.
+METRICS = ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted", "precision_macro",
+           "recall_macro", "roc_auc")
+
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, num_labels: int | None = None) -> dict[str, Any]:
     """Accuracy, precision/recall/F1 (weighted and macro), ROC-AUC (binary, or one-vs-rest macro), log loss and the

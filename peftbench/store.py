@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from peftbench.evaluate import METRICS as METRICS_STORED
+
 RESULT = "result.json"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -498,8 +500,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-METRIC_KEYS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
-               "recall_weighted", "roc_auc", "loss")
+METRIC_KEYS = METRICS_STORED + ("loss",)  # the columns test_* and val_* of load_results
 
 
 CONFIG_PREFIXES = (("method_params", "param_"), ("train", "train_"), ("dataset", "dataset_"))

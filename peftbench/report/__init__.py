@@ -31,8 +31,8 @@ from peftbench.report import calibration, document, errors, plots, render, table
 from peftbench.store import METRICS, PREDICTIONS, Store, flatten, fresh_sibling, swap_in, write_json
 
 DEFAULT_SETTINGS = {name: f.default for name, f in REPORT_FIELDS.items()}  # a study's [report] without keys
-PAIRED_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
-                  "recall_weighted")
+# The metrics with a per-example linearisation (verdict.influence): every stored one but ROC-AUC.
+PAIRED_METRICS = tuple(m for m in tables.METRICS if m != "roc_auc")
 
 
 # --------------------------------------------------------------------------------------------------------------------
