@@ -65,3 +65,29 @@ def test_bad_switch_value_is_one_line(tmp_path, tiny_bert, tiny_data, capsys, va
     assert main(["validate", str(study), "--no-data", "--set", f"train.gradient_checkpointing={value!r}"
                  if isinstance(value, str) else f"train.gradient_checkpointing={value}"]) == 2
     assert "train.gradient_checkpointing: expected true or false" in capsys.readouterr().err
+
+
+def test_bf16_weights_predicts_what_autocast_of_fp32_weights_predicts(tiny_bert):
+    """Under bf16 autocast the matmuls see the same bf16 weights either way; only the few ops autocast keeps in fp32
+    (LayerNorm, embeddings' sum) see rounded weights: the probabilities agree within bf16 tolerance."""
+    from peftbench.data import collate
+    from peftbench.models import build_classifier
+
+    torch.manual_seed(0)
+    model = methods.prepare("lora", build_classifier(str(tiny_bert), 2),
+                            {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": "auto", "bias": "none"})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained-looking adapter
+    model.eval()
+    inputs = collate([[2, 7, 8, 9, 10, 3], [2, 11, 12, 3], [2, 7, 3]], np.arange(3), 0)
+
+    def probs():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.softmax(model(**inputs).logits.float(), -1)
+
+    plain = probs()
+    assert methods.hold_frozen_in_bf16(model) > 0
+    assert torch.allclose(probs(), plain, atol=2e-2)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
