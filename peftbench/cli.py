@@ -206,9 +206,10 @@ def _run(study, args) -> int:
         execute()
     store = summaries[0].store
     run_ids = record["run_ids"] if record else summaries[0].run_ids
-    failed = sorted({f for s in summaries for f in s.failed})
+    failed_any = {f for s in summaries for f in s.failed}
+    failed = sorted(failed_any & set(run_ids))  # a search's failed trials are failed trials, not failed runs
     print(f"\n{len(set(run_ids))} runs ({sum(s.done for s in summaries)} trained now, "
-          f"{summaries[0].skipped} already done" + (f", {sum(len(s.claimed) for s in summaries)} left to another "
+          f"{sum(s.skipped for s in summaries)} already done" + (f", {sum(len(s.claimed) for s in summaries)} left to another "
                                                     f"runner" if any(s.claimed for s in summaries) else "")
           + f") in {store.resolve()}")
     _summarise(store, run_ids, study)
@@ -218,6 +219,8 @@ def _run(study, args) -> int:
         out = write_report(store, run_ids=run_ids, study=study, sequential=record if until else None)
         print(f"report: {Path(out).resolve() / 'report.md'}")
         _print_verdicts(Path(out))
+    if len(failed_any) > len(failed):
+        print(f"{len(failed_any) - len(failed)} search trials failed (each counts as a failed trial)", file=sys.stderr)
     if failed:
         print(f"{len(failed)} runs failed: see 'peftbench ls {store}'", file=sys.stderr)
         return 1
@@ -244,7 +247,7 @@ def _print_verdicts(report_dir: Path) -> None:
 
 
 def _summarise(store: Path, run_ids: list[str], study=None) -> None:
-    """The end-of-study table: per dataset and arm, the runs of its chosen nuisance setting (best validation score,
+    """The end-of-study table: per model, dataset and arm, the runs of its chosen nuisance setting (best validation score,
     as in the report: ``setting``, e.g. ``lr=0.001``, of ``settings`` tried) and their mean test scores."""
     from peftbench.report import load_runs, settings_of
     from peftbench.report.tables import nuisance_scores, select_nuisance
@@ -254,13 +257,16 @@ def _summarise(store: Path, run_ids: list[str], study=None) -> None:
     ok = select_nuisance(runs, metric) if len(runs) else runs
     if not len(ok):
         return
-    tried = nuisance_scores(runs, metric).groupby(["dataset", "arm"], sort=False).size().rename("settings")
-    table = ok.groupby(["dataset", "arm"], sort=False).agg(
+    keys = ["model", "dataset", "arm"]  # one study's runs; the model column is printed when there are several
+    tried = nuisance_scores(runs, metric).groupby(keys, sort=False).size().rename("settings")
+    table = ok.groupby(keys, sort=False).agg(
         setting=("setting", "first"), runs=("run_id", "count"), test_accuracy=("test_accuracy", "mean"),
         test_acc_std=("test_accuracy", "std"), test_f1_macro=("test_f1_macro", "mean"),
         trainable_pct=("params_trainable_pct", "mean"), train_time_s=("train_time_s", "mean"))
     table = table.join(tried).reset_index()
-    table.insert(3, "settings", table.pop("settings"))
+    if table["model"].nunique() == 1:
+        table = table.drop(columns="model")
+    table.insert(list(table.columns).index("setting") + 1, "settings", table.pop("settings"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from peftbench import methods
 from peftbench.config import ConfigError, RunConfig, Study, config_hash, expand_runs, is_range
 from peftbench.report.tables import higher_is_better
-from peftbench.store import Store, read_result, write_json
+from peftbench.store import Store, read_result
 
 INSTALL = "pip install 'peftbench[optuna]'"
 
@@ -119,10 +119,6 @@ def describe(study: Study) -> str:
             f"{len(found) * (s['trials'] + len(study.seeds) - 1)} more runs")
 
 
-def search_dir(store: Store, study: str) -> Path:
-    return store.search_dir(study)
-
-
 def read_record(store: str | Path, study: str) -> dict[str, Any] | None:
     """The search record of ``study`` in ``store``, None if it never searched."""
     return Store(store).read_search(study)
@@ -188,7 +184,7 @@ def run_search(study: Study, store: str | Path | None = None,
     direction = "maximize" if higher_is_better(metric) else "minimize"
     fixed = expand_runs(study)
     execute(fixed)
-    folder = search_dir(store_obj, study.name)
+    folder = store_obj.search_dir(study.name)
     folder.mkdir(parents=True, exist_ok=True)
     searched = []
     for point in points(study):
@@ -260,6 +256,6 @@ def run_search(study: Study, store: str | Path | None = None,
             say(f"search {point.key}: no trial succeeded; the arm has no runs")
         record["arms"][point.key] = arm
         record["run_ids"] += arm["run_ids"]
-    write_json(folder / "record.json", record)
+    store_obj.write_search(study.name, record)
     execute(finals)
     return record

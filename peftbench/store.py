@@ -302,6 +302,11 @@ class Store:
         """The search record of ``study`` (``record.json``), None if it never searched."""
         return _read_record(self.search_dir(study) / "record.json")
 
+    def write_search(self, study: str, record: dict[str, Any]) -> None:
+        """Write ``study``'s search record atomically (the Optuna journals beside it are Optuna's own files)."""
+        self.search_dir(study).mkdir(parents=True, exist_ok=True)
+        write_json(self.search_dir(study) / "record.json", record)
+
     def run_ids(self) -> list[str]:
         if not self.root.is_dir():
             return []

@@ -50,6 +50,9 @@ def method_branches(source: str) -> list[str]:
         elif (isinstance(node, ast.Dict) and len(set().union(*(_names(k) for k in node.keys if k))) >= 2
               and all(_constant(v) for v in node.values)):
             out.append(ast.unparse(node)[:80])
+        elif (isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List, ast.Set))
+              and len(_names(node.value)) >= 2):  # a table of methods kept elsewhere, used by name (isin(TABLE))
+            out.append(ast.unparse(node)[:80])
     return out
 
 
@@ -59,6 +62,7 @@ def test_the_branch_finder_sees_each_form():
     assert method_branches('t = df[df["method"] != "untrained"]')
     assert method_branches('t = df["method"].isin(["majority"])')
     assert method_branches('ORDER = {"majority": 0, "full": 9}')
+    assert method_branches('OFF_AXIS = ("majority", "tfidf", "llm")')
     assert method_branches('arms = {m: df[df["method"] == m] for m in ("majority", "untrained")}')
     assert method_branches('if reference == "full": pass') == []  # an arm label, not a method
     assert method_branches('out = {"majority": floor, "untrained": arm}') == []  # a result's fields

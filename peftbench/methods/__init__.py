@@ -41,7 +41,7 @@ from peftbench.methods.peft_methods import (DEFAULT_IA3_TARGETS, DEFAULT_TARGETS
 __all__ = ["METHODS", "Method", "PeftMethod", "register", "prepare", "make_optimizer", "step_hook", "spectrum_targets",
            "resolved_names", "check_model_params", "count_parameters", "save_weights", "load_weights",
            "merge_for_inference", "run_baseline", "is_peft", "is_baseline", "uses_frozen_encoder", "order",
-           "with_role", "plot_lines", "in_cost_plot", "resolve_head", "head_parameter_names", "resolve_targets",
+           "with_role", "plot_lines", "in_cost_plot", "on_params_axis", "resolve_head", "head_parameter_names", "resolve_targets",
            "resolve_ia3_targets", "describe_adapter", "hold_frozen_in_bf16", "adalora_orth_reg", "OrthRegAdamW",
            "DEFAULT_TARGETS", "DEFAULT_IA3_TARGETS", "TARGET_PRESETS", "LORA_PARAMS", "EVAL_ONLY_TRAIN_KEYS",
            "OMITTED_AT_DEFAULT"]
@@ -104,6 +104,11 @@ def plot_lines() -> dict[str, tuple[str, str, str]]:
 def in_cost_plot(method: Any) -> bool:
     """Whether a method's arms appear in the report's training-cost plot."""
     return METHODS[method].cost_plot if method in METHODS else True
+
+
+def on_params_axis(method: Any) -> bool:
+    """Whether a method's arms are points on the report's metric-vs-trainable-parameters plot (else reference lines)."""
+    return METHODS[method].params_axis if method in METHODS else True
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ class Method:
     role: str | None = None             # what the report uses it for: "floor" (majority), "untrained", "adapter"
     plot_line: tuple[str, str, str] | None = None  # a reference line in the report's plots: (label, colour, style)
     cost_plot: bool = True              # shown in the training-cost plot
+    params_axis: bool = True            # a point on the trainable-parameters plot (False: a reference line, for arms
+                                        # whose parameter counts are not on the encoders' scale)
 
     # ---- the study file: checking, defaults, labels ---------------------------------------------------------------
 

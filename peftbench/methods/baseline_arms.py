@@ -25,6 +25,7 @@ class Baseline(Method):
 
     trains = False
     baseline = True
+    params_axis = False  # TF-IDF coefficients, an llm's nothing: not on the encoders' parameter scale
 
     def resolved_names(self, backbone, params):
         return {}

@@ -71,6 +71,7 @@ class Untrained(Method):
     order = 0.5
     role = "untrained"
     cost_plot = False
+    params_axis = False
 
     def prepare(self, backbone, params, total_steps=None) -> nn.Module:
         for p in backbone.model.parameters():
@@ -84,6 +85,7 @@ class Lstm(Method):
     seeds (the "LSTM from scratch" row of the IMDB comparison)."""
 
     name = "lstm"
+    params_axis = False  # its own from-scratch weights, not a fine-tuned encoder's
     doc = "a (Bi)LSTM trained from scratch over the model's tokenizer vocabulary (no pretrained weights)"
     params = by_name(
         Field("embedding_dim", int, 128, "LSTM: size of the token embeddings, learned from scratch over the model's "

@@ -164,9 +164,10 @@ def write_comparison(targets: list[str | Path], out_dir: str | Path, overrides: 
     page = blocks(cols, long)
     final, out = out, fresh_sibling(out)
     try:
-        (out / "report.md").write_text(render.markdown(page), encoding="utf-8")
-        (out / "report.html").write_text(render.html_page(page, "peftbench comparison"), encoding="utf-8")
         long.to_csv(out / "comparison.csv", index=False)
+        files = {"comparison.csv": (out / "comparison.csv").read_bytes()}  # embedded: the page can be shared alone
+        (out / "report.md").write_text(render.markdown(page, set(files) | {"report.html"}), encoding="utf-8")
+        (out / "report.html").write_text(render.html_page(page, "peftbench comparison", files), encoding="utf-8")
         swap_in(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

@@ -36,10 +36,6 @@ def _pts(x: Any) -> Any:
     return 100.0 * x
 
 
-# Methods without a fine-tuned encoder: their parameter counts are not on the encoders' scale (TF-IDF coefficients,
-# an LSTM's own weights, an llm's nothing), so metric_vs_params draws them as horizontal lines, not on its x axis.
-OFF_AXIS_METHODS = ("majority", "untrained", "tfidf", "lstm", "llm")
-
 
 def titled(fig: Figure, where: str) -> Figure:
     """The figure with ``where`` (dataset · model) as a line above everything, so that a PNG names its data."""
@@ -96,10 +92,10 @@ def pareto_front(table: pd.DataFrame, x: str, y: str) -> list[int]:
 def metric_vs_params(table: pd.DataFrame, metric: str = "accuracy") -> Figure | None:
     """Test ``metric`` against trainable parameters (log axis) of the fine-tuned encoders, one marker and legend entry
     per arm (error bars = std over seeds; no text next to the points); the Pareto frontier (no arm has fewer
-    parameters and a higher score) is joined and ringed. Arms of :data:`OFF_AXIS_METHODS` and arms without trainable
-    parameters are horizontal lines, not points on the parameter axis."""
+    parameters and a higher score) is joined and ringed. Arms of methods off the parameter axis (``methods.on_params_axis``: baselines, the
+    untrained head, the LSTM) and arms without trainable parameters are horizontal lines, not points on the parameter axis."""
     has_score = table[metric].notna()
-    off = table["method"].isin(OFF_AXIS_METHODS) | ~(table["params_trainable"].fillna(0) > 0)
+    off = ~table["method"].map(methods.on_params_axis).astype(bool) | ~(table["params_trainable"].fillna(0) > 0)
     plotted = table[has_score & ~off]
     if not len(plotted):
         return None

@@ -33,7 +33,7 @@ PARAMS = ["params_trainable", "params_adapter", "params_head", "params_total", "
 COSTS = ["train_time_s", "train_examples_per_s", "eval_time_s", "peak_memory_mb", "adapter_size_bytes",
          "invalid",  # invalid: llm predictions whose reply named no label (counted wrong), mean over seeds
          "estimated_cost_usd",  # llm arms: the price of the requests as a fresh run would pay it
-         "train_flops", "train_flops_per_s", "eval_flops_per_s"]  # model FLOPs and achieved FLOP/s (peftbench.flops)
+         "train_flops", "train_flops_per_s", "eval_flops", "eval_flops_per_s"]  # model FLOPs and achieved FLOP/s (peftbench.flops)
 # Arms with at least this many seeds get a percentile bootstrap CI over seeds, fewer a Student t interval (seed_ci).
 MIN_SEEDS_FOR_BOOTSTRAP = 5
 
