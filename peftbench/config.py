@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench import methods
-from peftbench.evaluate import METRICS  # noqa: F401 - the report's metric choices (also importable from here)
+from peftbench.evaluate import METRICS  # the report's metric choices (also importable from here)
 from peftbench.fields import Field, by_name, reference_table
 from peftbench.trackers import BACKENDS as TRACKERS
 from peftbench.fields import ConfigError, check_value  # also importable from here

@@ -296,26 +296,32 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
     }
 
 
+def _polynomial(p: Prepared, backward: bool, bf16: bool) -> tuple[int, int, int]:
+    """The FLOP polynomial of ``p.model`` in its current mode, under the run's autocast (:mod:`peftbench.flops`)."""
+    return flops.model_polynomial(p.model, p.example_inputs, backward, lambda: autocast(p.device, bf16))
+
+
+def _lengths(p: Prepared, splits) -> list[int]:
+    return [len(x) for split in splits for x in p.ids[split]]
+
+
 def _train_flops(p: Prepared, history: list, bf16: bool, set_train_mode) -> int | None:
     """Model FLOPs of the training (:mod:`peftbench.flops`): forward + backward per trained example and epoch, or
     the one cached forward pass of a frozen encoder over every split."""
     if not history:
         return None
-    lengths = [len(x) for x in p.ids["train"]]
     if p.features:  # the encoder ran once over every split, in eval mode
         p.model.eval()
-        poly = flops.model_polynomial(p.model, p.example_inputs, False, lambda: autocast(p.device, bf16))
-        return flops.total(poly, [len(x) for split in p.ids for x in p.ids[split]])
+        return flops.total(_polynomial(p, False, bf16), _lengths(p, p.ids))
     set_train_mode()
-    poly = flops.model_polynomial(p.model, p.example_inputs, True, lambda: autocast(p.device, bf16))
-    return flops.total(poly, lengths) * len(history)
+    return flops.total(_polynomial(p, True, bf16), _lengths(p, ["train"])) * len(history)
 
 
 def _eval_flops(p: Prepared, bf16: bool) -> int:
     """Model FLOPs of predicting the validation and test splits once (the head only on cached features)."""
     p.model.eval()
-    lengths = [len(x) for split in ("validation", "test") for x in p.ids[split]]
-    poly = flops.model_polynomial(p.model, p.example_inputs, False, lambda: autocast(p.device, bf16))
+    lengths = _lengths(p, ("validation", "test"))
+    poly = _polynomial(p, False, bf16)
     return poly[0] * len(lengths) if p.features else flops.total(poly, lengths)
 
 

@@ -119,11 +119,6 @@ def describe(study: Study) -> str:
             f"{len(found) * (s['trials'] + len(study.seeds) - 1)} more runs")
 
 
-def read_record(store: str | Path, study: str) -> dict[str, Any] | None:
-    """The search record of ``study`` in ``store``, None if it never searched."""
-    return Store(store).read_search(study)
-
-
 def _distribution(optuna, table: dict[str, Any]):
     d = optuna.distributions
     if "choices" in table:

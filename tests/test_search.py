@@ -14,7 +14,7 @@ optuna = pytest.importorskip("optuna")
 from peftbench.cli import main  # noqa: E402
 from peftbench.config import expand_runs, load_study  # noqa: E402
 from peftbench.executors import run_study  # noqa: E402
-from peftbench.search import points, read_record, run_search  # noqa: E402
+from peftbench.search import points, run_search  # noqa: E402
 from peftbench.store import Store, load_results, read_result  # noqa: E402
 from tests.conftest import write_study  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_every_arm_gets_the_same_trials_each_a_stored_run_chosen_on_validation(t
     assert "search: tpe, 3 trials per arm on seed 0 for 2 searched arm(s) (lr)" in out
 
     assert main(["run", str(study), "--store", str(store)]) == 0
-    record = read_record(store, "tiny")
+    record = Store(store).read_search("tiny")
     assert sorted(a.rsplit(" | ", 1)[1] for a in record["arms"]) == ["frozen", "lora r=2"]
     assert {len(a["trials"]) for a in record["arms"].values()} == {3}  # the same budget for every arm
     for arm in record["arms"].values():
@@ -105,7 +105,7 @@ def test_every_arm_gets_the_same_trials_each_a_stored_run_chosen_on_validation(t
     # a re-run with the trials done runs nothing new; report STUDY shows the same runs
     assert main(["run", str(study), "--store", str(store)]) == 0
     assert "0 trained now" in capsys.readouterr().out
-    assert read_record(store, "tiny") == record
+    assert Store(store).read_search("tiny") == record
     before = json.loads((store / "report" / "results.json").read_text())["verdicts"]
     assert main(["report", str(study), "--store", str(store)]) == 0
     after = json.loads((store / "report" / "results.json").read_text())["verdicts"]
