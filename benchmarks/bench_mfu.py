@@ -16,6 +16,9 @@ Sections:
             non-inferior to the other)
   profile   torch.profiler of LoRA training steps on MiniLM (demo lengths, batch 32): self CPU time by operator,
             today and with each switch
+  pack      MiniLM LoRA (fast switches) trained one run at a time vs 3 runs packed into one forward/backward
+            (``train.pack_runs``): ex/s and MFU of 2 × 3 seeds each (solo, packed, packed, solo), the two paths'
+            accuracy through the verdict machinery, and a profile of a packed step vs the same 3 solo steps
 
 Usage::
 
@@ -42,17 +45,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from peftbench import dropout, methods  # noqa: E402
+from peftbench import dropout, methods, packing  # noqa: E402
 from peftbench.config import expand_runs, validate_study  # noqa: E402
 from peftbench.data import collate, make_batches, tokenize  # noqa: E402
 from peftbench.engine import bf16_supported  # noqa: E402
 from peftbench.environment import set_threads  # noqa: E402
 from peftbench.models import build_classifier, load_tokenizer  # noqa: E402
 from peftbench.report import verdict  # noqa: E402
-from peftbench.runner import execute_run, get_splits  # noqa: E402
+from peftbench.runner import execute_run, execute_runs, get_splits  # noqa: E402
 from peftbench.store import Store  # noqa: E402
 
-SECTIONS = ("peak", "runs", "verdict", "profile")
+SECTIONS = ("peak", "runs", "verdict", "profile", "pack")
 MARGIN = 2.0  # points: the demo study's non-inferiority margin
 FAST = {"bf16_weights": True, "fast_dropout": True}
 SWITCHES = {"today": {}, "bf16_weights": {"bf16_weights": True}, "fast_dropout": {"fast_dropout": True},
@@ -143,18 +146,21 @@ def execute(runs: dict, order: list[tuple[str, int]], store: Store, device: torc
     rows = {}
     for arm, seed in order:
         bs.log(f"run {arm} seed {seed}")
-        result = execute_run(runs[(arm, seed)], store, device)
-        if result["status"] != "success":
-            raise RuntimeError(f"{arm}: {result['error']}")
-        c = result["costs"]
-        rows[(arm, seed)] = {"arm": arm, "seed": seed, "train_examples_per_s": c["train_examples_per_s"],
-                             "train_time_s": c["train_time_s"], "train_flops": c["train_flops"],
-                             "train_flops_per_s": c["train_flops_per_s"], "eval_flops_per_s": c["eval_flops_per_s"],
-                             "eval_examples_per_s": c["eval_examples_per_s"],
-                             "test_accuracy": result["metrics"]["test"]["accuracy"], "load": os.getloadavg()[0],
-                             "padding_pct": result["speed"]["padding_pct"], "run_id": result["run_id"],
-                             "speed": result["speed"]}
+        rows[(arm, seed)] = row(arm, seed, execute_run(runs[(arm, seed)], store, device))
     return rows
+
+
+def row(arm: str, seed: int, result: dict) -> dict:
+    """The numbers of one finished run."""
+    if result["status"] != "success":
+        raise RuntimeError(f"{arm}: {result['error']}")
+    c = result["costs"]
+    return {"arm": arm, "seed": seed, "train_examples_per_s": c["train_examples_per_s"],
+            "train_time_s": c["train_time_s"], "train_flops": c["train_flops"],
+            "train_flops_per_s": c["train_flops_per_s"], "eval_flops_per_s": c["eval_flops_per_s"],
+            "eval_examples_per_s": c["eval_examples_per_s"],
+            "test_accuracy": result["metrics"]["test"]["accuracy"], "load": os.getloadavg()[0],
+            "padding_pct": result["speed"]["padding_pct"], "run_id": result["run_id"], "speed": result["speed"]}
 
 
 def section_runs(sizes: dict, store: Store, device: torch.device, big_model: str) -> dict:
@@ -186,7 +192,7 @@ def summarise(runs: dict, peak: dict | None) -> dict:
         for arm, g in frame.groupby("arm", sort=False):
             bf16 = bool(g["speed"].iloc[0]["bf16"])
             key = "bfloat16" if bf16 else "float32"
-            p = peak["models"][model][key]["model_shape_peak"] if peak else None
+            p = peak["models"][model.split()[0]][key]["model_shape_peak"] if peak else None
             mean = g[["train_examples_per_s", "train_flops_per_s", "eval_flops_per_s", "test_accuracy",
                       "padding_pct", "load"]].mean()
             out.setdefault(model, {})[arm] = {**mean.to_dict(), "runs": len(g), "peak_dtype": key,
@@ -205,20 +211,102 @@ def summarise(runs: dict, peak: dict | None) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def section_verdict(runs: dict, store: Store) -> dict:
+def section_verdict(rows: dict, store: Store, reference: str = "lora today", candidate: str = "lora fast") -> dict:
+    """``candidate``'s runs against ``reference``'s, paired on seeds and test examples, both directions."""
     preds = {}
-    for row in runs["MiniLM"].values():
-        if row["arm"].startswith("lora"):
-            frame = pd.read_parquet(store.root / row["run_id"] / "predictions.parquet")
-            preds.setdefault(row["arm"], {})[row["seed"]] = frame
-    today, fast = preds["lora today"], preds["lora fast"]
+    for r in rows.values():
+        if r["arm"] in (reference, candidate):
+            preds.setdefault(r["arm"], {})[r["seed"]] = pd.read_parquet(store.root / r["run_id"] / "predictions.parquet")
+    ref, cand = preds[reference], preds[candidate]
     keep = ("verdict", "diff_points", "ci_low", "ci_high", "seeds", "n_examples")
-    a = verdict.judge(today, fast, margin=MARGIN, num_labels=2)
-    b = verdict.judge(fast, today, margin=MARGIN, num_labels=2)
-    return {"fast vs today": {k: a.get(k) for k in keep}, "today vs fast": {k: b.get(k) for k in keep},
+    a = verdict.judge(ref, cand, margin=MARGIN, num_labels=2)
+    b = verdict.judge(cand, ref, margin=MARGIN, num_labels=2)
+    short = lambda arm: arm.split()[-1]  # noqa: E731
+    return {f"{short(candidate)} vs {short(reference)}": {k: a.get(k) for k in keep},
+            f"{short(reference)} vs {short(candidate)}": {k: b.get(k) for k in keep},
             "margin": MARGIN, "no detectable difference": bool(a["ci_low"] <= 0 <= a["ci_high"]),
             "equivalent within the margin": a["verdict"] in ("non-inferior", "superior")
             and b["verdict"] in ("non-inferior", "superior")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pack: LoRA runs trained alone vs packed (train.pack_runs), runs, accuracy and profile
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def section_pack(sizes: dict, store: Store, device: torch.device) -> dict:
+    """MiniLM LoRA on the demo's data with the fast switches, ``solo`` (one run at a time) and ``packed`` (3 runs
+    per forward/backward, ``train.pack_runs = 3``), in the order solo, packed, packed, solo over two sets of seeds;
+    the two paths' accuracy through the verdict machinery; a profile of one packed step vs the same 3 solo steps."""
+    n = sizes["seeds"]
+    seeds = list(range(2 * n))
+    data = {**DEMO_DATA, "max_train": sizes["minilm_train"], **({"max_test": 64} if sizes is QUICK else {})}
+    lora = {**ARMS["lora"], **FAST}
+    runs = study(bs.MINILM, data, {**DEMO_TRAIN}, {"lora solo": lora, "lora packed": {**lora, "pack_runs": n}},
+                 seeds)
+    rows = {}
+    for arm, chunk in (("lora solo", seeds[:n]), ("lora packed", seeds[:n]), ("lora packed", seeds[n:]),
+                       ("lora solo", seeds[n:])):
+        bs.log(f"{arm}: seeds {chunk}")
+        if arm == "lora solo":
+            rows.update(execute(runs, [(arm, seed) for seed in chunk], store, device))
+        else:
+            results = execute_runs([runs[(arm, seed)] for seed in chunk], store, device)
+            rows.update({(arm, seed): row(arm, seed, r) for seed, r in zip(chunk, results)})
+    assert all(r["speed"]["packing"]["runs"] == n for r in rows.values() if r["arm"] == "lora packed")
+    out = {"rows": {f"{r['arm']} seed {r['seed']}": {k: v for k, v in r.items() if k != "speed"}
+                    for r in rows.values()},
+           "verdict": section_verdict(rows, store, "lora solo", "lora packed"), "raw": {"MiniLM packing": rows}}
+    out["profile"] = profile_pack(sizes, device, n)
+    return out
+
+
+def profile_pack(sizes: dict, device: torch.device, n: int) -> dict:
+    """torch.profiler of ``profile_steps`` packed steps of ``n`` LoRA runs vs the same steps run one run at a time."""
+    splits = get_splits({**bs.dataset_defaults(name="rt", **DEMO_DATA), "max_train": 2000})
+    tokenizer = load_tokenizer(bs.MINILM)
+    ids = tokenize(splits.train["text"].tolist(), tokenizer, 64)
+    y = torch.tensor(splits.train["label"].to_numpy())
+    bf16 = bf16_supported(device)
+    models, orders = [], []
+    for k in range(n):
+        torch.manual_seed(k)
+        model = methods.prepare("lora", build_classifier(bs.MINILM, 2),
+                                {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "auto",
+                                 "bias": "none"}).to(device).train()
+        if bf16:
+            methods.hold_frozen_in_bf16(model)
+        dropout.use_fast_dropout(model, device)
+        models.append(model)
+        orders.append(make_batches([len(x) for x in ids], 32, True, k)[: sizes["profile_steps"] + 2])
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, fused=True) for m in models]
+    pack = packing.Pack(models, "lora")
+
+    def inputs(k, t):
+        return {key: v.to(device) for key, v in collate(ids, orders[k][t], tokenizer.pad_token_id).items()}
+
+    def update():
+        for m, opt in zip(models, opts):
+            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def solo(t):
+        for k, m in enumerate(models):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = m(**inputs(k, t)).logits
+            torch.nn.functional.cross_entropy(logits.float(), y[orders[k][t]].to(device)).backward()
+        update()
+
+    def packed(t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = pack.forward(list(range(n)), [inputs(k, t) for k in range(n)])
+        sum(torch.nn.functional.cross_entropy(lg.float(), y[orders[k][t]].to(device))
+            for k, lg in enumerate(logits)).backward()
+        update()
+
+    return {name: profiled(step, sizes["profile_steps"], device, f"pack profile {name} ({n} runs)")
+            for name, step in (("solo", solo), ("packed", packed))}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -227,8 +315,6 @@ def section_verdict(runs: dict, store: Store) -> dict:
 
 
 def section_profile(sizes: dict, device: torch.device) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     splits = get_splits({**bs.dataset_defaults(name="rt", **DEMO_DATA), "max_train": 2000})
     tokenizer = load_tokenizer(bs.MINILM)
     ids = tokenize(splits.train["text"].tolist(), tokenizer, 64)
@@ -255,25 +341,32 @@ def section_profile(sizes: dict, device: torch.device) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for b in batches[:2]:
-            step(b)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        t = time.perf_counter()
-        with profile(activities=activities) as prof:
-            for b in batches[2:]:
-                step(b)
-        wall = (time.perf_counter() - t) / (len(batches) - 2)
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-        out[name] = {"ms_per_step_profiled": 1000 * wall,
-                     "top_ops_pct": {e.key: 100 * e.self_cpu_time_total / total for e in top},
-                     "matmul_pct": 100 * sum(e.self_cpu_time_total for e in events
-                                             if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
-                                                          "aten::_scaled_dot_product_flash_attention_for_cpu"))
-                     / total}
-        bs.log(f"profile {name}: {1000 * wall:.0f} ms/step; " + ", ".join(
-            f"{k} {v:.0f}%" for k, v in list(out[name]["top_ops_pct"].items())[:4]))
+        out[name] = profiled(lambda t: step(batches[t]), len(batches) - 2, device, f"profile {name}")
+    return out
+
+
+def profiled(step, steps: int, device: torch.device, label: str) -> dict:
+    """``step(t)`` for t = 0, 1 (warm-up) then ``steps`` more under torch.profiler: self CPU time by operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(0)
+    step(1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(2, 2 + steps):
+            step(i)
+    wall = (time.perf_counter() - t) / steps
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    out = {"ms_per_step_profiled": 1000 * wall,
+           "top_ops_pct": {e.key: 100 * e.self_cpu_time_total / total for e in top},
+           "matmul_pct": 100 * sum(e.self_cpu_time_total for e in events
+                                   if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                                                "aten::_scaled_dot_product_flash_attention_for_cpu")) / total}
+    bs.log(f"{label}: {1000 * wall:.0f} ms/step; " + ", ".join(
+        f"{k} {v:.0f}%" for k, v in list(out["top_ops_pct"].items())[:4]))
     return out
 
 
@@ -323,6 +416,26 @@ def report(results: dict) -> str:
             out.append(f"- **{name}** ({d['ms_per_step_profiled']:.0f} ms/step under the profiler; all matmuls "
                        f"{d['matmul_pct']:.0f}%): {ops}")
         out.append("")
+    if "pack" in results:
+        pk = results["pack"]
+        out += ["### packing: MiniLM LoRA alone vs 3 runs per forward/backward (train.pack_runs)", "",
+                "| arm | runs | train ex/s | train MFU | test acc | load |", "|---|---|---|---|---|---|"]
+        for arm, r in pk["summary"]["MiniLM packing"].items():
+            if isinstance(r, dict):
+                mfu = f"{100 * r['train_mfu']:.1f}%" if r["train_mfu"] is not None else "—"
+                out.append(f"| {arm} | {r['runs']} | {r['train_examples_per_s']:.1f} | {mfu} | "
+                           f"{r['test_accuracy']:.4f} | {r['load']:.1f} |")
+        s = pk["summary"]["MiniLM packing"]
+        out += ["", f"- packed / solo, train ex/s: **{s['lora packed']['train_examples_per_s'] / s['lora solo']['train_examples_per_s']:.2f}**"]
+        for k in ("packed vs solo", "solo vs packed"):
+            d = pk["verdict"][k]
+            out.append(f"- LoRA {k}: Δ {d['diff_points']:+.2f} points, CI [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] "
+                       f"over {d['seeds']} seeds × {d['n_examples']} test examples: {d['verdict']}")
+        for name, d in pk["profile"].items():
+            ops = ", ".join(f"`{k}` {v:.0f}%" for k, v in d["top_ops_pct"].items())
+            out.append(f"- profile **{name}** ({d['ms_per_step_profiled']:.0f} ms per 3 runs' step under the "
+                       f"profiler; all matmuls {d['matmul_pct']:.0f}%): {ops}")
+        out.append("")
     return "\n".join(out)
 
 
@@ -368,9 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         if "runs" in results:
             results["summary"] = summarise(raw, results.get("peak"))
         if "verdict" in wanted:
-            results["verdict"] = section_verdict(raw, store)
+            results["verdict"] = section_verdict(raw["MiniLM"], store)
         if "profile" in wanted:
             results["profile"] = section_profile(sizes, device)
+        if "pack" in wanted:
+            pack = section_pack(sizes, store, device)
+            results["pack"] = {**{k: v for k, v in pack.items() if k != "raw"},
+                               "summary": summarise(pack["raw"], results.get("peak"))}
+            save()
         results["total_s"] = time.perf_counter() - started
         save()
     print("\n" + report(results) + f"\ntotal {results['total_s'] / 60:.1f} min")

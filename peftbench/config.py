@@ -93,6 +93,10 @@ TRAIN_FIELDS: dict[str, Field] = by_name(
           "optimizer state stay fp32); only with bf16 autocast, else ignored (recorded per run)"),
     Field("fast_dropout", bool, False, "CPU: dropout masks from bulk random bits (numpy SFC64 seeded by torch's "
           "generator; the same Bernoulli(1-p) masks, cheaper to draw), attention-probability dropout included"),
+    Field("pack_runs", int, 1, "train up to this many runs in one forward/backward pass when they share the model, "
+          "dataset and training shape and only their adapters differ (LoRA seeds, ranks, learning rates): the frozen "
+          "base runs once for all, each run keeps its own adapters, head, optimizer, data order and dropout draws "
+          "(docs/benchmarks.md); 1: every run alone", minimum=1, expected="an integer >= 1"),
 )
 
 FRACTION = "a fraction in (0, 1)"

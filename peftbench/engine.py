@@ -136,93 +136,178 @@ def better(metric: str, new: float, old: float | None) -> bool:
     return new < old if metric == "loss" else new > old
 
 
+@dataclass
+class Job:
+    """One run's side of training, as :func:`train` takes it (:func:`train_packed` trains several at once).
+
+    ``forward(batch)`` returns ``(logits, labels)``; ``train_batches(epoch)`` yields one item per optimizer step: a
+    batch, or a list of micro-batches whose gradients are accumulated (a step cut to bound memory: the update is the
+    one of the whole batch); ``evaluate()`` returns validation metrics. ``set_train_mode`` puts the model in training
+    mode (methods with a frozen encoder keep it in eval mode). A method may bring its own ``optimizer`` (e.g. LoRA+)
+    and an ``after_step(step)`` hook called after each optimizer step (e.g. AdaLoRA's rank allocation)."""
+
+    model: nn.Module
+    forward: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    train_batches: Callable[[int], Iterable]
+    evaluate: Callable[[], dict[str, Any]]
+    settings: TrainSettings
+    set_train_mode: Callable[[], None] | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    after_step: Callable[[int], None] | None = None
+
+
+class _Run:
+    """The training state of one job: its optimizer and schedule, the epoch's running sums, history, best epoch and
+    early stopping. One update and one epoch end are the same code whether the job trains alone or packed."""
+
+    def __init__(self, job: Job, device: torch.device):
+        s = job.settings
+        self.job, self.device = job, device
+        self.params = [p for p in job.model.parameters() if p.requires_grad]
+        self.optimizer = job.optimizer or make_optimizer(job.model, s.lr, s.weight_decay, device, s.fused_optimizer)
+        total = s.epochs * s.steps_per_epoch
+        self.scheduler = get_scheduler(s.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=int(s.warmup_ratio * total), num_training_steps=total)
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch, self.best_score, self.best_state, self.bad_epochs, self.step = 0, None, None, 0, 0
+        self.best_loss, self.train_time, self.stopped = float("inf"), 0.0, False
+
+    def start_epoch(self) -> None:
+        (self.job.set_train_mode or self.job.model.train)()
+        self.loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no host sync per step
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
+
+    def count(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss_sum.detach()
+        self.correct += (logits.detach().argmax(-1) == labels).sum()
+        self.seen += len(labels)
+
+    def backward_micro(self, micro_batches: list) -> None:
+        """A step cut into micro-batches: summed losses, then the gradient of the mean."""
+        n = 0
+        for micro in micro_batches:
+            with autocast(self.device, self.job.settings.bf16):
+                logits, labels = self.job.forward(micro)
+            loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            loss.backward()
+            self.count(loss, logits, labels)
+            n += len(labels)
+        torch._foreach_div_([p.grad for p in self.params if p.grad is not None], n)
+
+    def update(self) -> None:
+        s = self.job.settings
+        if s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+        self.optimizer.step()
+        if self.job.after_step:
+            self.job.after_step(self.step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def end_epoch(self, epoch: int, epoch_time: float) -> None:
+        """Validate, record the epoch, keep the best weights; ``stopped`` once early stopping ends the job."""
+        s = self.job.settings
+        self.train_time += epoch_time
+        train_loss = self.loss_sum.item() / max(self.seen, 1)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"training loss is {train_loss} in epoch {epoch} (try a lower lr)")
+        val = self.job.evaluate()
+        row = {"epoch": epoch, "step": self.step, "train_loss": train_loss,
+               "train_accuracy": self.correct.item() / max(self.seen, 1),
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1_macro": val["f1_macro"],
+               "val_f1_weighted": val["f1_weighted"], "epoch_time_s": epoch_time,
+               "examples_per_s": self.seen / epoch_time, "lr": self.scheduler.get_last_lr()[0]}
+        self.history.append(row)
+        if self.job.on_epoch:
+            self.job.on_epoch(row)
+        score = val[s.metric_for_best]
+        # A tie on the selection metric keeps the epoch with the lower validation loss (the better-calibrated one).
+        tie = self.best_score is not None and score == self.best_score and val["loss"] < self.best_loss
+        if better(s.metric_for_best, score, self.best_score) or tie:
+            self.best_score, self.best_loss, self.best_epoch, self.bad_epochs = score, val["loss"], epoch, 0
+            self.best_state = {n: p.detach().clone() for n, p in self.job.model.named_parameters() if p.requires_grad}
+        else:
+            self.bad_epochs += 1
+            self.stopped = bool(s.early_stopping_patience and self.bad_epochs >= s.early_stopping_patience)
+        self.stopped = self.stopped or epoch == s.epochs
+
+    def finish(self) -> tuple[list[dict], int, float]:
+        """The best validation epoch's weights put back; (history, best epoch, training seconds)."""
+        if self.best_state is not None and self.best_epoch != len(self.history):
+            with torch.no_grad():
+                for n, p in self.job.model.named_parameters():
+                    if n in self.best_state:
+                        p.copy_(self.best_state[n])
+        return self.history, self.best_epoch, self.train_time
+
+
 def train(model: nn.Module, forward: Callable[[Any], torch.Tensor], train_batches: Callable[[int], Iterable],
           evaluate: Callable[[], dict[str, Any]], s: TrainSettings, device: torch.device,
           set_train_mode: Callable[[], None] | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           optimizer: torch.optim.Optimizer | None = None,
           after_step: Callable[[int], None] | None = None) -> tuple[list[dict], int, float]:
-    """Train ``model``; returns (per-epoch history, best epoch, training seconds excluding evaluation).
-
-    ``forward(batch)`` returns ``(logits, labels)``; ``train_batches(epoch)`` yields one item per optimizer step: a
-    batch, or a list of micro-batches whose gradients are accumulated (a step cut to bound memory: the update is the
-    one of the whole batch); ``evaluate()`` returns
-    validation metrics. ``set_train_mode`` puts the model in training mode (methods with a frozen encoder keep it in
-    eval mode). A method may bring its own ``optimizer`` (e.g. LoRA+) and an ``after_step(step)`` hook called after
-    each optimizer step (e.g. AdaLoRA's rank allocation). The weights of the best validation epoch are restored
-    before returning.
+    """Train ``model``; returns (per-epoch history, best epoch, training seconds excluding evaluation). The
+    arguments are those of :class:`Job`. The weights of the best validation epoch are restored before returning.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer or make_optimizer(model, s.lr, s.weight_decay, device, s.fused_optimizer)
-    total = s.epochs * s.steps_per_epoch
-    scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=int(s.warmup_ratio * total),
-                              num_training_steps=total)
-    history, best_epoch, best_score, best_state, bad_epochs, step, train_time = [], 0, None, None, 0, 0, 0.0
-    best_loss = float("inf")
+    run = _Run(Job(model, forward, train_batches, evaluate, s, set_train_mode, on_epoch, optimizer, after_step), device)
     for epoch in range(1, s.epochs + 1):
-        (set_train_mode or model.train)()
+        run.start_epoch()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)  # accumulated on device: no host sync per step
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
         for batch in train_batches(epoch):
-            if isinstance(batch, list):  # micro-batches: summed losses, then the gradient of the mean
-                n = 0
-                for micro in batch:
-                    with autocast(device, s.bf16):
-                        logits, labels = forward(micro)
-                    loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-                    loss.backward()
-                    loss_sum += loss.detach()
-                    correct += (logits.detach().argmax(-1) == labels).sum()
-                    n += len(labels)
-                torch._foreach_div_([p.grad for p in params if p.grad is not None], n)
-                seen += n
+            if isinstance(batch, list):
+                run.backward_micro(batch)
             else:
                 with autocast(device, s.bf16):
                     logits, labels = forward(batch)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
                 loss.backward()
-                loss_sum += loss.detach() * len(labels)
-                correct += (logits.detach().argmax(-1) == labels).sum()
-                seen += len(labels)
-            if s.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            optimizer.step()
-            if after_step:
-                after_step(step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-        epoch_time = time.perf_counter() - start
-        train_time += epoch_time
-        train_loss = loss_sum.item() / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"training loss is {train_loss} in epoch {epoch} (try a lower lr)")
-        val = evaluate()
-        row = {"epoch": epoch, "step": step, "train_loss": train_loss, "train_accuracy": correct.item() / max(seen, 1),
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1_macro": val["f1_macro"],
-               "val_f1_weighted": val["f1_weighted"], "epoch_time_s": epoch_time,
-               "examples_per_s": seen / epoch_time, "lr": scheduler.get_last_lr()[0]}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        score = val[s.metric_for_best]
-        # A tie on the selection metric keeps the epoch with the lower validation loss (the better-calibrated one).
-        tie = best_score is not None and score == best_score and val["loss"] < best_loss
-        if better(s.metric_for_best, score, best_score) or tie:
-            best_score, best_loss, best_epoch, bad_epochs = score, val["loss"], epoch, 0
-            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        else:
-            bad_epochs += 1
-            if s.early_stopping_patience and bad_epochs >= s.early_stopping_patience:
-                break
-    if best_state is not None and best_epoch != len(history):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
-    return history, best_epoch, train_time
+                run.count(loss * len(labels), logits, labels)
+            run.update()
+        run.end_epoch(epoch, time.perf_counter() - start)
+        if run.stopped:
+            break
+    return run.finish()
+
+
+def train_packed(jobs: list[Job], forward: Callable[[list[int], list[Any]], list[tuple[torch.Tensor, torch.Tensor]]],
+                 device: torch.device) -> list[tuple[list[dict], int, float] | Exception]:
+    """Train several jobs in one forward/backward pass per step (:mod:`peftbench.packing`).
+
+    ``forward(indices, batches)`` returns each listed job's ``(logits, labels)`` for its batch. The loss whose gradient
+    is taken is the sum of the jobs' mean cross-entropies: a job's parameters touch only its own logits, so each gets
+    exactly its own loss's gradient, then its own clipping, optimizer step and schedule. Every job yields the same
+    number of steps per epoch, and all share ``bf16``. An epoch's wall time is shared equally by the jobs it trained.
+    A job that stops early (patience) or fails (a non-finite loss: that job's result is the exception) leaves the pack;
+    the others go on. Returns, per job, what :func:`train` returns, or the exception that ended it."""
+    runs: list[_Run] = [_Run(job, device) for job in jobs]
+    failed: dict[int, Exception] = {}
+    bf16 = jobs[0].settings.bf16
+    for epoch in range(1, max(job.settings.epochs for job in jobs) + 1):
+        active = [i for i, run in enumerate(runs) if not run.stopped and i not in failed]
+        if not active:
+            break
+        for i in active:
+            runs[i].start_epoch()
+        start = time.perf_counter()
+        for batches in zip(*(jobs[i].train_batches(epoch) for i in active), strict=True):
+            with autocast(device, bf16):
+                outputs = forward(active, list(batches))
+            losses = [nn.functional.cross_entropy(logits.float(), labels) for logits, labels in outputs]
+            torch.stack(losses).sum().backward()
+            for i, loss, (logits, labels) in zip(active, losses, outputs):
+                runs[i].count(loss * len(labels), logits, labels)
+                runs[i].update()
+        share = (time.perf_counter() - start) / len(active)
+        for i in active:
+            try:
+                runs[i].end_epoch(epoch, share)
+            except NonFiniteLoss as e:
+                failed[i] = e
+    return [failed[i] if i in failed else run.finish() for i, run in enumerate(runs)]
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -25,10 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from peftbench import methods, progress, trackers
+from peftbench import methods, packing, progress, trackers
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.environment import environment_base, pick_device
-from peftbench.runner import execute_run, get_splits
+from peftbench.runner import execute_runs, get_splits
 from peftbench.store import HEARTBEAT_S, HOST, Store
 
 
@@ -128,14 +129,19 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     work = {run.run_id: expected_work(run) for run in todo}
     total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
     bar = progress.bar(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
-    for i, run in enumerate(todo, 1):
-        bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
-        result = execute_claimed(run, store_obj, dev, owner, seen[run.run_id], tracking=study.tracking)
-        bar.update(round(work[run.run_id]))
-        done_work += work[run.run_id]
-        left = progress.eta(time.perf_counter() - started, done_work, total_work)
-        account_result(summary, run, result, store_obj, f" ({i}/{len(todo)}; study ETA {left})" if left else
-                       f" ({i}/{len(todo)})")
+    i = 0
+    for group in packing.plan(todo):  # runs one at a time, or packs of runs trained together (train.pack_runs)
+        label = group[0].arm if len(group) == 1 else f"{group[0].arm} (+{len(group) - 1} packed)"
+        bar.set_postfix_str(f"run {i + 1}/{len(todo)}: {label}")
+        results = execute_claimed_group(group, store_obj, dev, owner, [seen[run.run_id] for run in group],
+                                        tracking=study.tracking)
+        for run, result in zip(group, results):
+            i += 1
+            bar.update(round(work[run.run_id]))
+            done_work += work[run.run_id]
+            left = progress.eta(time.perf_counter() - started, done_work, total_work)
+            account_result(summary, run, result, store_obj, f" ({i}/{len(todo)}; study ETA {left})" if left else
+                           f" ({i}/{len(todo)})")
     bar.close()
     return summary
 
@@ -182,13 +188,27 @@ def execute_claimed(run: RunConfig, store: Store, device, owner: str, seen: Any 
     """:func:`~peftbench.runner.execute_run` under the run's claim; None, running nothing, when the run is not ours
     to run (another live runner holds it, or finished it since we planned: see :func:`holding`). ``tracking``: the
     study's ``[tracking]`` (the experiment trackers the run is also logged to, once its files are written)."""
-    with holding(store, run.run_id, owner, seen) as ours:
+    return execute_claimed_group([run], store, device, owner, [seen], position, tracking)[0]
+
+
+def execute_claimed_group(runs: list[RunConfig], store: Store, device, owner: str, seen: list[Any],
+                          position: int = 1, tracking: dict[str, Any] | None = None) -> list[dict[str, Any] | None]:
+    """:func:`execute_claimed` for a group of runs trained together (a pack, :mod:`peftbench.packing`): each run
+    under its own claim, heartbeat and trackers; those not ours (None) are left out of the pack."""
+    out: list[dict[str, Any] | None] = [None] * len(runs)
+    with contextlib.ExitStack() as stack:
+        ours = [i for i, run in enumerate(runs) if stack.enter_context(holding(store, run.run_id, owner, seen[i]))]
         if not ours:
-            return None
-        with heartbeat(store, run.run_id, owner), trackers.RunTracking(tracking, run, store.root) as tracked:
-            result = execute_run(run, store, device, position, epoch_hook=tracked.log_epoch)
-            tracked.finish(result)
-            return result
+            return out
+        tracked = []
+        for i in ours:
+            stack.enter_context(heartbeat(store, runs[i].run_id, owner))
+            tracked.append(stack.enter_context(trackers.RunTracking(tracking, runs[i], store.root)))
+        results = execute_runs([runs[i] for i in ours], store, device, position, [t.log_epoch for t in tracked])
+        for i, t, result in zip(ours, tracked, results):
+            t.finish(result)
+            out[i] = result
+    return out
 
 
 def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: str) -> dict[str, Any] | None:

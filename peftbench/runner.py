@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -26,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from peftbench import dropout, flops, methods, progress
+from peftbench import dropout, flops, methods, packing, progress
 from peftbench.config import ConfigError, RunConfig, Study, expand_runs
 from peftbench.data import Splits, collate, encode_frame, load_splits, make_batches, split_batch
-from peftbench.engine import TrainSettings, autocast, bf16_supported, predict, train
+from peftbench.engine import Job, TrainSettings, autocast, bf16_supported, predict, train, train_packed
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
@@ -138,42 +139,98 @@ def execute_run(run: RunConfig, store: Store, device: torch.device, position: in
     """Train and evaluate one run into the store. Failures are recorded in the run's result, never raised
     (KeyboardInterrupt excepted: the half-built run is then simply discarded). ``epoch_hook`` gets each epoch's
     ``metrics.jsonl`` row once it is written (the experiment trackers)."""
-    run_id = run.run_id
-    writer = store.writer(run_id, run.to_dict())
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result: dict[str, Any] = {"run_id": run_id, "status": "failed", "error": None, "config": run.to_dict()}
-    env = {**environment_base(), "device": str(device)}
-    result["environment"] = env
-    try:
-        with PeakMemory(device) as mem:
-            if methods.is_baseline(run.method):
-                body = _run_baseline(run, store, writer, env)
-            else:
-                body = _train_and_evaluate(run, store, device, writer, env, position, epoch_hook)
-        result.update(body)
-        result["costs"]["peak_memory_mb"] = mem.peak / 2**20
-        result["costs"]["peak_memory_kind"] = mem.kind
-        result["status"] = "success"
-    except OSError as e:
-        if e.errno in STORAGE_ERRNOS:  # the store cannot be written: every later run would fail too
-            writer.discard()
-            raise
-        result["error"] = _one_line(e)
-    except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - OOM named for the reader
-        result["error"] = _one_line(e)
-        if getattr(e, "costs", None):  # spent before failing (an llm arm's tokens)
-            result["costs"] = e.costs
-    result["timing"] = {"started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    writer.commit(result)  # e.g. disk full: the half-built folder goes, the run stays to do
-    return result
+    return execute_runs([run], store, device, position, [epoch_hook])[0]
 
 
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
-def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writer: RunWriter, env: dict,
-                        position: int, epoch_hook: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+class _Slot:
+    """One run's result being assembled: its writer, result dict and environment; :meth:`guard` records a failure
+    in it the way a solo run records one."""
+
+    def __init__(self, run: RunConfig, store: Store, device: torch.device):
+        self.run, self.writer = run, store.writer(run.run_id, run.to_dict())
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.env = {**environment_base(), "device": str(device)}
+        self.result: dict[str, Any] = {"run_id": run.run_id, "status": "failed", "error": None,
+                                       "config": run.to_dict(), "environment": self.env}
+        self.body: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def guard(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:  # the store cannot be written: every later run would fail too
+                self.writer.discard()
+                raise
+            self.result["error"] = _one_line(e)
+        except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - OOM named for the reader
+            self.result["error"] = _one_line(e)
+            if getattr(e, "costs", None):  # spent before failing (an llm arm's tokens)
+                self.result["costs"] = e.costs
+
+    def commit(self, mem: PeakMemory) -> dict[str, Any]:
+        if self.body is not None and self.result["error"] is None:
+            self.result.update(self.body)
+            self.result["costs"]["peak_memory_mb"] = mem.peak / 2**20
+            self.result["costs"]["peak_memory_kind"] = mem.kind
+            self.result["status"] = "success"
+        self.result["timing"] = {"started": self.started,
+                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.writer.commit(self.result)  # e.g. disk full: the half-built folder goes, the run stays to do
+        return self.result
+
+
+def execute_runs(runs: list[RunConfig], store: Store, device: torch.device, position: int = 1,
+                 epoch_hooks: list[Callable[[dict[str, Any]], None] | None] | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate ``runs`` into the store, each stored and failing on its own as :func:`execute_run`'s run.
+    Several runs are a pack (:func:`peftbench.packing.plan` makes them): built one after another, trained together in
+    one forward/backward pass per step (:func:`peftbench.engine.train_packed`), then each evaluated and stored; runs
+    that cannot share the pass (``speed.packing`` says why) train one after another. The peak memory is the pack's."""
+    hooks = epoch_hooks or [None] * len(runs)
+    slots = [_Slot(run, store, device) for run in runs]
+    with PeakMemory(device) as mem:
+        built: dict[int, _Built] = {}
+        for i, slot in enumerate(slots):
+            with slot.guard():
+                if methods.is_baseline(slot.run.method):
+                    slot.body = _run_baseline(slot.run, store, slot.writer, slot.env)
+                else:
+                    built[i] = _build(slot.run, store, device, slot.writer, slot.env, position, hooks[i])
+        outcomes = _train_all(built, device)
+        for i, b in built.items():
+            with slots[i].guard():
+                if isinstance(outcomes[i], BaseException):
+                    raise outcomes[i]
+                slots[i].body = _finish(b, *outcomes[i])
+    return [slot.commit(mem) for slot in slots]
+
+
+@dataclass
+class _Built:
+    """A run ready to train: its prepared model and data, and what :func:`_finish` needs afterwards."""
+
+    run: RunConfig
+    p: Prepared
+    backbone: Any
+    writer: RunWriter
+    resolved: dict[str, Any]
+    params: dict[str, Any]
+    pretrained: dict | None
+    bf16: bool
+    speed: dict[str, Any]
+    cache_time: float
+    set_train_mode: Callable[[], None]
+    evaluate: Callable[[str], tuple[dict[str, Any], torch.Tensor]]
+    job: Job | None = None
+    bar: Any = None
+
+
+def _build(run: RunConfig, store: Store, device: torch.device, writer: RunWriter, env: dict, position: int,
+           epoch_hook: Callable[[dict[str, Any]], None] | None = None) -> _Built:
     splits = get_splits(run.dataset)
     tokenizer = load_tokenizer(run.model)
     cfg = run.train
@@ -219,80 +276,130 @@ def _train_and_evaluate(run: RunConfig, store: Store, device: torch.device, writ
         probs = p.predict_split(split, cfg["eval_batch_size"], bf16, max_tokens)
         return compute_metrics(labels[split].numpy(), probs.numpy(), len(splits.labels)), probs
 
-    history, best_epoch, train_time = [], 0, 0.0
-    n_train = len(ids["train"])
     speed = {"bf16": bf16, "length_buckets": p.length_buckets, "padding_pct": None, "max_tokens_per_batch": max_tokens,
              "split_steps": 0, "fused_optimizer": False, "torch_threads": torch.get_num_threads(),
              "attention": getattr(getattr(backbone.model, "config", None), "_attn_implementation", None),
              "frozen_features_cached": bool(p.features), "merged_for_eval": False,
              "gradient_checkpointing": bool(cfg.get("gradient_checkpointing")), "bf16_weights": frozen_bf16 > 0,
              "bf16_weight_params": frozen_bf16, "fast_dropout": fast_dropout > 0}
-    if methods.METHODS[run.method].trains:
-        first = p.steps("train", cfg["batch_size"], run.seed * 1000 + 1, max_tokens)
-        speed["padding_pct"] = p.padding_pct(first)
-        speed["split_steps"] = sum(isinstance(step, list) for step in first)
-        settings = TrainSettings.from_config(cfg, len(first))
-        settings.bf16 = bf16
-        optimizer = methods.make_optimizer(run.method, model, run.method_params, cfg, device, resolved["head"])
-        speed["fused_optimizer"] = bool(optimizer.defaults.get("fused"))
-        bar = progress.bar(total=settings.epochs * len(first), desc=run.arm, position=position, leave=False,
-                           unit="step")
-        train_started = time.perf_counter()
+    b = _Built(run, p, backbone, writer, resolved, params, pretrained, bf16, speed, cache_time, set_train_mode,
+               evaluate)
+    if not methods.METHODS[run.method].trains:
+        return b
+    first = p.steps("train", cfg["batch_size"], run.seed * 1000 + 1, max_tokens)
+    speed["padding_pct"] = p.padding_pct(first)
+    speed["split_steps"] = sum(isinstance(step, list) for step in first)
+    settings = TrainSettings.from_config(cfg, len(first))
+    settings.bf16 = bf16
+    optimizer = methods.make_optimizer(run.method, model, run.method_params, cfg, device, resolved["head"])
+    speed["fused_optimizer"] = bool(optimizer.defaults.get("fused"))
+    b.bar = bar = progress.bar(total=settings.epochs * len(first), desc=run.arm, position=position, leave=False,
+                               unit="step")
+    train_started = time.perf_counter()
 
-        def train_batches(epoch: int):
-            for step in p.steps("train", cfg["batch_size"], run.seed * 1000 + epoch, max_tokens):
-                yield step
-                bar.update(1)
+    def train_batches(epoch: int):
+        for step in p.steps("train", cfg["batch_size"], run.seed * 1000 + epoch, max_tokens):
+            yield step
+            bar.update(1)
 
-        def on_epoch(row):
-            bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
-            if bar.disable:  # a log: one line per epoch instead of the bar
-                left = progress.eta(time.perf_counter() - train_started, row["epoch"], settings.epochs)
-                progress.say(f"epoch  {run.label}: {row['epoch']}/{settings.epochs}, val acc "
-                             f"{row['val_accuracy']:.4f}, {row['examples_per_s']:.0f} ex/s"
-                             + (f"; run ETA {left}" if left else ""))
-            writer.append_epoch(row)
-            if epoch_hook:
-                epoch_hook(row)
+    def on_epoch(row):
+        bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
+        if bar.disable:  # a log: one line per epoch instead of the bar
+            left = progress.eta(time.perf_counter() - train_started, row["epoch"], settings.epochs)
+            progress.say(f"epoch  {run.label}: {row['epoch']}/{settings.epochs}, val acc "
+                         f"{row['val_accuracy']:.4f}, {row['examples_per_s']:.0f} ex/s"
+                         + (f"; run ETA {left}" if left else ""))
+        writer.append_epoch(row)
+        if epoch_hook:
+            epoch_hook(row)
 
-        history, best_epoch, train_time = train(
-            model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, device, set_train_mode,
-            on_epoch, optimizer=optimizer, after_step=methods.step_hook(run.method, model, run.method_params))
-        bar.close()
-    train_flops = _train_flops(p, history, bf16, set_train_mode)
+    b.job = Job(model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, set_train_mode,
+                on_epoch, optimizer, methods.step_hook(run.method, model, run.method_params))
+    return b
+
+
+def _train_all(built: dict[int, "_Built"], device: torch.device) -> dict[int, Any]:
+    """Train the built runs: (history, best epoch, seconds) or the exception that ended it, per run. One run trains
+    alone (:func:`peftbench.engine.train`); several share a forward pass when they can (:class:`packing.Pack`)."""
+    out: dict[int, Any] = {i: ([], 0, 0.0) for i, b in built.items() if b.job is None}
+    trainees = [i for i, b in built.items() if b.job is not None]
+    pack = None
+    if len(trainees) > 1:
+        try:
+            pack = packing.Pack([built[i].p.model for i in trainees], built[trainees[0]].run.method)
+            note = {"runs": len(trainees), "run_ids": [built[i].run.run_id for i in trainees]}
+        except packing.PackError as e:
+            note = {"runs": 1, "not_packed": str(e)}
+        for n, i in enumerate(trainees):
+            built[i].speed["packing"] = {**note, "index": n} if pack else note
+    if pack is None:
+        for i in trainees:
+            j = built[i].job
+            try:
+                out[i] = train(j.model, j.forward, j.train_batches, j.evaluate, j.settings, device, j.set_train_mode,
+                               j.on_epoch, j.optimizer, j.after_step)
+            except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - recorded in that run's result
+                out[i] = e
+            built[i].bar.close()
+        return out
+
+    def forward(active: list[int], batches: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        inputs, labels = [], []
+        for k, (split, idx) in zip(active, batches):
+            p = built[trainees[k]].p
+            inputs.append({key: v.to(device, non_blocking=True) for key, v in p.collate(split, idx).items()})
+            labels.append(p.labels[split][idx].to(device, non_blocking=True))
+        return list(zip(pack.forward(active, inputs), labels))
+
+    try:
+        results = train_packed([built[i].job for i in trainees], forward, device)
+    except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - every run of the pack records it
+        results = [e] * len(trainees)
+    for i, r in zip(trainees, results):
+        out[i] = r
+        built[i].bar.close()
+    return out
+
+
+def _finish(b: _Built, history: list, best_epoch: int, train_time: float) -> dict[str, Any]:
+    """Save, merge and evaluate a trained run: the body of its ``result.json``."""
+    run, p, cfg, splits, writer = b.run, b.p, b.run.train, b.p.splits, b.writer
+    model = p.model
+    train_flops = _train_flops(p, history, b.bf16, b.set_train_mode)
     adapter_size = methods.save_weights(run.method, model, writer.weights_dir, base_model=portable_model_id(run.model))
-    _write_spectrum(writer, model, pretrained)
+    _write_spectrum(writer, model, b.pretrained)
     if cfg.get("merge_for_eval", True) and methods.METHODS[run.method].trains:
         p.model = methods.merge_for_inference(run.method, model)  # saved already: predict at the plain model's cost
-        speed["merged_for_eval"] = p.model is not model
+        b.speed["merged_for_eval"] = p.model is not model
 
-    eval_flops = _eval_flops(p, bf16)
+    eval_flops = _eval_flops(p, b.bf16)
     start = time.perf_counter()
-    val_metrics, _ = evaluate("validation")
-    test_metrics, test_probs = evaluate("test")
+    val_metrics, _ = b.evaluate("validation")
+    test_metrics, test_probs = b.evaluate("test")
     eval_time = time.perf_counter() - start
     writer.write_predictions(predictions_frame(splits.test, np.arange(len(splits.test)),
                                                test_probs.argmax(1).numpy(), test_probs.numpy()))
+    n_train = len(p.ids["train"])
     examples_trained = n_train * len(history)
     if history:
-        train_time += cache_time
-    n_eval = len(ids["validation"]) + len(ids["test"])
+        train_time += b.cache_time
+    n_eval = len(p.ids["validation"]) + len(p.ids["test"])
     return {
         "labels": splits.labels,
         "dataset_info": splits.info,
         "metrics": {"validation": val_metrics, "test": test_metrics, "best_epoch": best_epoch,
                     "epochs_run": len(history)},
-        "params": params,
-        "resolved": resolved,
+        "params": b.params,
+        "resolved": b.resolved,
         "costs": {"train_time_s": train_time, "train_examples": examples_trained,
                   "train_examples_per_s": examples_trained / train_time if train_time else None,
                   "eval_time_s": eval_time, "eval_examples_per_s": n_eval / eval_time if eval_time else None,
                   "adapter_size_bytes": adapter_size, "frozen_features_cached": bool(p.features),
-                  "feature_cache_s": cache_time,
+                  "feature_cache_s": b.cache_time,
                   "train_flops": train_flops, "train_flops_per_s": flops.utilisation(train_flops, train_time),
                   "eval_flops": eval_flops, "eval_flops_per_s": flops.utilisation(eval_flops, eval_time)},
-        "pooling": backbone.pooling,
-        "speed": speed,
+        "pooling": b.backbone.pooling,
+        "speed": b.speed,
     }
 
 

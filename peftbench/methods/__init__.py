@@ -203,6 +203,11 @@ def run_baseline(method: str, params: dict[str, Any], splits, seed: int, cache_d
     return spec.run_baseline({k: params.get(k, f.default) for k, f in spec.params.items()}, splits, seed, cache_dir)
 
 
+def packable(method: str, params: dict[str, Any]) -> bool:
+    """Whether runs of ``method`` with ``params`` may share a forward pass (:mod:`peftbench.packing`)."""
+    return method in METHODS and METHODS[method].packable(params)
+
+
 def hold_frozen_in_bf16(model: nn.Module) -> int:
     """Cast every parameter that does not train to bfloat16 in place (once, instead of autocast re-casting it at
     every step); trainable parameters stay fp32. Returns how many parameters were cast. Only under bf16 autocast:

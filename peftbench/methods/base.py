@@ -34,7 +34,7 @@ EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size", "max_length", "max_tokens_per_batch",
 # Settings added after runs were stored: at these values they are left out of the run config (and so out of the run
 # id), so every run stored before they existed keeps its id; code reads them with ``.get(key, default)``.
 OMITTED_AT_DEFAULT = {"head": "all", "head_lr": None, "gradient_checkpointing": False, "bf16_weights": False,
-                      "fast_dropout": False}
+                      "fast_dropout": False, "pack_runs": 1}
 
 
 def omit_defaults(values: dict[str, Any]) -> dict[str, Any]:
@@ -109,8 +109,13 @@ class Method:
         return " ".join([base] + bits)
 
     def relevant_train(self, train: dict[str, Any]) -> dict[str, Any]:
-        """The training settings that enter the run (and its id)."""
-        return omit_defaults(train) if self.trains else {k: train[k] for k in EVAL_ONLY_TRAIN_KEYS if k in train}
+        """The training settings that enter the run (and its id); ``pack_runs`` only for a method that packs."""
+        if not self.trains:
+            return {k: train[k] for k in EVAL_ONLY_TRAIN_KEYS if k in train}
+        out = omit_defaults(train)
+        if type(self).packable is Method.packable:
+            out.pop("pack_runs", None)
+        return out
 
     # ---- the model -------------------------------------------------------------------------------------------------
 
@@ -168,6 +173,21 @@ class Method:
     def merge_for_inference(self, model: nn.Module) -> nn.Module:
         """The model to predict with once saved (adapters merged into the base weights); itself by default."""
         return model
+
+    def packable(self, params: dict[str, Any]) -> bool:
+        """Whether runs of this method can be packed (``train.pack_runs``, :mod:`peftbench.packing`): their frozen
+        base weights shared, only adapters (and the head, after the encoder) differing between runs. No by default."""
+        return False
+
+    def pack_layers(self, model: nn.Module) -> list[str]:
+        """Packing: paths of the layers whose output adds a per-run adapter update to a frozen base layer's."""
+        raise NotImplementedError(f"{self.name}: runs are not packed")
+
+    def pack_forward(self, layers: list[nn.Module], x: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """Packing: one such layer's output on the concatenated tokens ``x`` (``[1, tokens, features]``) of several
+        runs, ``layers[k]`` being run k's copy of it and ``bounds[k]`` its slice of the tokens: the base layer once
+        on all tokens, each run's adapter on its own."""
+        raise NotImplementedError(f"{self.name}: runs are not packed")
 
     def run_baseline(self, params: dict[str, Any], splits, seed: int, cache_dir: Path):
         """A baseline's predictions (:class:`peftbench.baselines.BaselineResult`)."""

@@ -354,6 +354,27 @@ class Lora(PeftMethod):
             modules_to_save=resolve_head(backbone, params),
         )
 
+    def packable(self, params):
+        """Plain LoRA packs (any rank, alpha, dropout, rsLoRA scaling or learning rate); DoRA (its magnitude vectors
+        change the base layer's output) and trained biases (inside the shared base layers) do not."""
+        return not params.get("use_dora") and params.get("bias", "none") == "none"
+
+    def pack_layers(self, model):
+        from peft.tuners.lora import LoraLayer
+
+        return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+    def pack_forward(self, layers, x, bounds):
+        first = layers[0]
+        out = first.base_layer(x)
+        deltas = []
+        for layer, (lo, hi) in zip(layers, bounds):  # peft's lora.Linear.forward, on the run's own tokens
+            adapter = layer.active_adapters[0]
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            seg = layer._cast_input_dtype(x[:, lo:hi], a.weight.dtype)
+            deltas.append(b(a(layer.lora_dropout[adapter](seg))) * layer.scaling[adapter])
+        return (out + torch.cat(deltas, dim=1)).to(out.dtype)
+
     def label_flags(self, params):
         flags = [k.removeprefix("use_") for k in ("use_dora", "use_rslora") if params.get(k)]
         init = params.get("init_lora_weights")
