@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup   ## the built-in offline demo study, then its report
-	$(VENV)/bin/peftbench run --until-decided --max-seeds 5
+	$(VENV)/bin/peftbench run --until-decided --max-seeds 5 --jobs auto
 
 # Headless chromium for the test that renders report.html (Debian's package, as root). Without apt-get or root, or
 # when the install fails, it says so and the test is skipped with that reason (shown by -rs); never an error here.

@@ -63,6 +63,16 @@ def _picked(args: argparse.Namespace, fields: dict, prefix: str = "") -> dict[st
     return {k: getattr(args, prefix + k) for k in fields if getattr(args, prefix + k, None) is not None}
 
 
+def _jobs(text: str) -> int | str:
+    """``--jobs 2`` → 2; ``auto`` stays (resolved once the threads are chosen: one 1-thread job per thread on CPU)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
+
+
 def _report_to(text: str) -> list[str]:
     """``--report-to tensorboard,mlflow`` → the tracker names; ``none`` → no tracker (whatever the study says)."""
     from peftbench.trackers import BACKENDS
@@ -168,6 +178,11 @@ def _run(study, args) -> int:
         raise ConfigError("--max-seeds: only with --until-decided")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
+    jobs = getattr(args, "jobs", 1)
+    if jobs != "auto" and jobs < 1:
+        raise ConfigError(f"--jobs: expected an integer >= 1 or auto, got {jobs}")
+    if jobs != 1 and getattr(args, "executor", "local") != "local":
+        raise ConfigError("--jobs: only with the local executor (ray runs one task per run: --cpus-per-run)")
     Store(args.store or study.store).check_writable()
     check_study_inputs(study)
     _notice_old_run_ids(study, Store(args.store or study.store))
@@ -178,7 +193,11 @@ def _run(study, args) -> int:
         except ImportError:
             raise ConfigError("--executor ray needs Ray: pip install 'peftbench[ray]'") from None
     else:
-        set_threads(getattr(args, "threads", None))  # cores less busy ones (Ray workers get cpus_per_run instead)
+        threads = set_threads(getattr(args, "threads", None))  # cores less busy ones (Ray: cpus_per_run instead)
+        if jobs == "auto":  # on CPU one 1-thread job per thread; one job on an accelerator
+            from peftbench.environment import pick_device
+
+            jobs = threads if pick_device(args.device).type == "cpu" else 1
     summaries = []
 
     def execute(runs=None):
@@ -192,7 +211,7 @@ def _run(study, args) -> int:
             from peftbench.executors import run_study
 
             summary = run_study(study, args.store, device=args.device, retry_failed=not args.no_retry_failed,
-                                runs=runs)
+                                runs=runs, jobs=jobs)
         summaries.append(summary)
         return summary
 
@@ -431,7 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     running(p)
     p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: one run after another in this process; ray: each run as a Ray task (docs/scale-out.md)")
+                   help="local: one run after another in this process (or --jobs at a time); ray: each run as a Ray "
+                        "task (docs/scale-out.md)")
+    p.add_argument("--jobs", type=_jobs, default=1,
+                   help="local: train this many runs at once, in worker processes sharing the torch threads; auto: "
+                        "on CPU one 1-thread job per thread, else 1 (default: 1, in this process; the demo on 2 "
+                        "cores ran 1.4x faster with 2)")
     p.add_argument("--address", default=None,
                    help="ray: cluster to join, 'auto' or 'ray://HOST:10001' (default: RAY_ADDRESS, or a local Ray)")
     p.add_argument("--cpus-per-run", type=float, default=1,

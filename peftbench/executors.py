@@ -111,8 +111,11 @@ def account_result(summary: "StudySummary", run: RunConfig, result: dict[str, An
 
 
 def run_study(study: Study, store: str | Path | None = None, device: str = "auto",
-              retry_failed: bool = True, runs: list[RunConfig] | None = None) -> StudySummary:
-    """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``), sequentially.
+              retry_failed: bool = True, runs: list[RunConfig] | None = None, jobs: int = 1) -> StudySummary:
+    """Run every unfinished run of ``study`` into ``store`` (default: the study's ``store``): one after another in
+    this process, or ``jobs`` at a time in as many worker processes, each with an equal share of this process's torch
+    threads (on 2 CPU cores, two 1-thread runs at once train 1.5× the examples per second of one 2-thread run:
+    docs/benchmarks.md). Packs of runs (``train.pack_runs``) are one unit of work.
 
     A finished (successful) run is skipped; a failed one is tried again unless ``retry_failed`` is False. A run whose
     claim another live runner holds (another ``peftbench run`` on the same store) is left to it. ``runs``: only these
@@ -129,14 +132,18 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     work = {run.run_id: expected_work(run) for run in todo}
     total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
     bar = progress.bar(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
+    groups = packing.plan(todo)  # runs one at a time, or packs of runs trained together (train.pack_runs)
+    if jobs > 1 and len(groups) > 1:
+        done = _in_workers(groups, store_obj, dev, owner, seen, study.tracking, jobs)
+    else:
+        done = ((group, execute_claimed_group(group, store_obj, dev, owner, [seen[run.run_id] for run in group],
+                                              tracking=study.tracking)) for group in groups)
     i = 0
-    for group in packing.plan(todo):  # runs one at a time, or packs of runs trained together (train.pack_runs)
-        label = group[0].arm if len(group) == 1 else f"{group[0].arm} (+{len(group) - 1} packed)"
-        bar.set_postfix_str(f"run {i + 1}/{len(todo)}: {label}")
-        results = execute_claimed_group(group, store_obj, dev, owner, [seen[run.run_id] for run in group],
-                                        tracking=study.tracking)
+    bar.set_postfix_str(f"run 1/{len(todo)}: {groups[0][0].arm}" if groups else "")
+    for group, results in done:
         for run, result in zip(group, results):
             i += 1
+            bar.set_postfix_str(f"run {i}/{len(todo)}: {run.arm}")
             bar.update(round(work[run.run_id]))
             done_work += work[run.run_id]
             left = progress.eta(time.perf_counter() - started, done_work, total_work)
@@ -144,6 +151,66 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
                            f" ({i}/{len(todo)})")
     bar.close()
     return summary
+
+
+def _in_workers(groups: list[list[RunConfig]], store: Store, device, owner: str, seen: dict[str, Any],
+                tracking: dict[str, Any] | None, jobs: int):
+    """Yield (group, results) as ``jobs`` worker processes (spawned: a fresh interpreter, no forked OpenMP state)
+    finish the groups. Each worker uses ``torch threads // jobs`` threads (at least 1). A worker that dies stores its
+    runs as failed (:func:`record_lost_run`); Ctrl-C cancels what has not started."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    why = f"{threads} of {torch.get_num_threads()} thread(s) for each of {jobs} jobs"
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_ignore_interrupts)
+    try:
+        longest_first = sorted(groups, key=lambda g: -sum(expected_work(r) for r in g))  # the last to start is short
+        futures = {pool.submit(_run_group_in_worker, [r.to_dict() for r in g], str(store.root), str(device), owner,
+                               [seen[r.run_id] for r in g], threads, tracking, why): g for g in longest_first}
+        for future in cf.as_completed(futures):
+            group = futures[future]
+            try:
+                results = future.result()
+            except Exception as e:  # noqa: BLE001 - the worker died (BrokenProcessPool) or a bug escaped
+                results = [record_lost_run(run, store, owner, seen[run.run_id], f"worker failed ({_one_line(e)})")
+                           for run in group]
+            yield group, results
+    except BaseException:  # Ctrl-C (or a bug here): stop the workers now instead of letting them finish their runs
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            process.join(timeout=10)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        store.clean_stale()  # the half-built folders of stopped or dead workers (their claims are stale too)
+
+
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the main process, which stops them (their runs are then simply not stored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_group_in_worker(runs: list[dict[str, Any]], root: str, device: str, owner: str, seen: list[Any],
+                         threads: int, tracking: dict[str, Any] | None, why: str) -> list[dict[str, Any] | None]:
+    """A local worker process's task: a group of runs (one run, or a pack) into the store."""
+    import torch
+
+    from peftbench.environment import THREADS
+
+    torch.set_num_threads(threads)
+    THREADS.update(threads=threads, why=why)
+    progress.BARS = False  # one line per epoch: bars of several processes would overwrite each other
+    progress.quiet_libraries()
+    return execute_claimed_group([RunConfig.from_dict(r) for r in runs], Store(root), pick_device(device), owner,
+                                 seen, tracking=tracking)
 
 
 def new_owner(kind: str) -> str:

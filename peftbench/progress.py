@@ -23,8 +23,13 @@ import sys
 from tqdm.auto import tqdm
 
 
+BARS = True  # False in worker processes: their runs print a line per epoch instead of bars
+
+
 def interactive() -> bool:
     """Whether progress goes to a terminal (then bars are drawn)."""
+    if not BARS:
+        return False
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # a replaced or closed stderr
