@@ -660,7 +660,7 @@ def expand_runs(study: Study, searched: bool = False) -> list[RunConfig]:
                     mparams = spec.finalize(mparams)
                     label = spec.label(arm.name, mparams, mkeys)
                     for tparams in tgrid:
-                        tparams = spec.relevant_train(tparams)
+                        tparams = spec.relevant_train(tparams, mparams)
                         if not searched and any(map(is_range, tparams.values())):
                             continue
                         for seed in study.seeds:

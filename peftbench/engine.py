@@ -281,10 +281,12 @@ def train_packed(jobs: list[Job], forward: Callable[[list[int], list[Any]], list
     is taken is the sum of the jobs' mean cross-entropies: a job's parameters touch only its own logits, so each gets
     exactly its own loss's gradient, then its own clipping, optimizer step and schedule. Every job yields the same
     number of steps per epoch, and all share ``bf16``. An epoch's wall time is shared equally by the jobs it trained.
-    A job that stops early (patience) or fails (a non-finite loss: that job's result is the exception) leaves the pack;
-    the others go on. Returns, per job, what :func:`train` returns, or the exception that ended it."""
+    A job that stops early (patience) or fails at its epoch's end (a non-finite loss, an error in its evaluation or
+    epoch hook: that job's result is the exception) leaves the pack; the others go on. A failure of the shared step
+    itself (e.g. out of memory) ends the jobs still training, not those already finished. Returns, per job, what
+    :func:`train` returns, or the exception that ended it (its traceback dropped, so its frames are freed)."""
     runs: list[_Run] = [_Run(job, device) for job in jobs]
-    failed: dict[int, Exception] = {}
+    failed: dict[int, BaseException] = {}
     bf16 = jobs[0].settings.bf16
     for epoch in range(1, max(job.settings.epochs for job in jobs) + 1):
         active = [i for i, run in enumerate(runs) if not run.stopped and i not in failed]
@@ -293,20 +295,24 @@ def train_packed(jobs: list[Job], forward: Callable[[list[int], list[Any]], list
         for i in active:
             runs[i].start_epoch()
         start = time.perf_counter()
-        for batches in zip(*(jobs[i].train_batches(epoch) for i in active), strict=True):
-            with autocast(device, bf16):
-                outputs = forward(active, list(batches))
-            losses = [nn.functional.cross_entropy(logits.float(), labels) for logits, labels in outputs]
-            torch.stack(losses).sum().backward()
-            for i, loss, (logits, labels) in zip(active, losses, outputs):
-                runs[i].count(loss * len(labels), logits, labels)
-                runs[i].update()
+        try:
+            for batches in zip(*(jobs[i].train_batches(epoch) for i in active), strict=True):
+                with autocast(device, bf16):
+                    outputs = forward(active, list(batches))
+                losses = [nn.functional.cross_entropy(logits.float(), labels) for logits, labels in outputs]
+                torch.stack(losses).sum().backward()
+                for i, loss, (logits, labels) in zip(active, losses, outputs):
+                    runs[i].count(loss * len(labels), logits, labels)
+                    runs[i].update()
+        except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - the step of every active job
+            failed.update({i: e.with_traceback(None) for i in active})
+            continue
         share = (time.perf_counter() - start) / len(active)
         for i in active:
             try:
                 runs[i].end_epoch(epoch, share)
-            except NonFiniteLoss as e:
-                failed[i] = e
+            except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - this job's alone
+                failed[i] = e.with_traceback(None)
     return [failed[i] if i in failed else run.finish() for i, run in enumerate(runs)]
 
 

@@ -153,42 +153,66 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     return summary
 
 
+WORKER_RETRIES = 2  # times a group is retried when a worker process dies while holding it
+
+
 def _in_workers(groups: list[list[RunConfig]], store: Store, device, owner: str, seen: dict[str, Any],
                 tracking: dict[str, Any] | None, jobs: int):
     """Yield (group, results) as ``jobs`` worker processes (spawned: a fresh interpreter, no forked OpenMP state)
-    finish the groups. Each worker uses ``torch threads // jobs`` threads (at least 1). A worker that dies stores its
-    runs as failed (:func:`record_lost_run`); Ctrl-C cancels what has not started."""
+    finish the groups, longest expected work first. Each worker uses ``torch threads // jobs`` threads (at least 1).
+    When a worker dies (e.g. killed for memory) the pool breaks: the unfinished groups go to a new pool, the ones that
+    were running (the first ``jobs`` unfinished, as the pool starts them in order) charged one attempt; a group
+    charged more than ``WORKER_RETRIES`` times is stored as failed (:func:`record_lost_run`). Ctrl-C stops the
+    workers at once (their runs are not stored, their claims go stale)."""
     import concurrent.futures as cf
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
     why = f"{threads} of {torch.get_num_threads()} thread(s) for each of {jobs} jobs"
-    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_ignore_interrupts)
-    try:
-        longest_first = sorted(groups, key=lambda g: -sum(expected_work(r) for r in g))  # the last to start is short
-        futures = {pool.submit(_run_group_in_worker, [r.to_dict() for r in g], str(store.root), str(device), owner,
-                               [seen[r.run_id] for r in g], threads, tracking, why): g for g in longest_first}
-        for future in cf.as_completed(futures):
-            group = futures[future]
-            try:
-                results = future.result()
-            except Exception as e:  # noqa: BLE001 - the worker died (BrokenProcessPool) or a bug escaped
-                results = [record_lost_run(run, store, owner, seen[run.run_id], f"worker failed ({_one_line(e)})")
-                           for run in group]
-            yield group, results
-    except BaseException:  # Ctrl-C (or a bug here): stop the workers now instead of letting them finish their runs
-        workers = list((getattr(pool, "_processes", None) or {}).values())
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            process.join(timeout=10)
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        store.clean_stale()  # the half-built folders of stopped or dead workers (their claims are stale too)
+    pending = sorted(range(len(groups)), key=lambda g: -sum(expected_work(r) for r in groups[g]))
+    attempts = dict.fromkeys(pending, 0)
+
+    def lost(g: int, error: str) -> list[dict[str, Any] | None]:
+        return [record_lost_run(run, store, owner, seen[run.run_id], error) for run in groups[g]]
+
+    while pending:
+        broken = False
+        pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_ignore_interrupts)
+        try:
+            futures = {pool.submit(_run_group_in_worker, [r.to_dict() for r in groups[g]], str(store.root),
+                                   str(device), owner, [seen[r.run_id] for r in groups[g]], threads, tracking,
+                                   why): g for g in pending}
+            for future in cf.as_completed(futures):
+                g = futures[future]
+                try:
+                    results = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                except Exception as e:  # noqa: BLE001 - a bug escaped the worker's task
+                    results = lost(g, f"worker failed ({_one_line(e)})")
+                pending.remove(g)
+                yield groups[g], results
+        except BaseException:  # Ctrl-C (or a bug here): stop the workers now instead of letting them finish their runs
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            for process in workers:
+                process.terminate()
+            for process in workers:
+                process.join(timeout=10)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            store.clean_stale()  # the half-built folders of stopped or dead workers (their claims are stale too)
+        if broken:
+            for g in pending[:jobs]:
+                attempts[g] += 1
+            for g in [g for g in pending if attempts[g] > WORKER_RETRIES]:
+                pending.remove(g)
+                yield groups[g], lost(g, f"its worker process died on each of {WORKER_RETRIES + 1} attempts")
 
 
 def _ignore_interrupts() -> None:

@@ -13,13 +13,16 @@ output). Each run keeps its own optimizer, schedule, clipping, early stopping an
 
 So a packed run is a valid independent run: without dropout its losses are those of the same run trained alone up to
 floating-point rounding (``tests/test_packing.py``); with dropout its masks are independent draws (one seeded stream
-per pack, not the solo run's stream), so its metrics are equal in distribution. Packing is deterministic (the
-runs of a pack are the study's runs in plan order) and recorded in each run's ``result.json`` (``speed.packing``).
+per pack, not the solo run's stream), so its metrics are equal in distribution. Packing is deterministic for the same
+pending runs (a pack is made of the study's runs in plan order; a run resumed or retried with other partners draws
+other dropout masks) and recorded in each run's ``result.json`` (``speed.packing``). A packed run's train time is its
+equal share of the pack's wall time (so its examples/s are the pack's total), its peak memory the pack's.
 Whether it pays depends on the hardware: docs/benchmarks.md measures it.
 
 Architectures: encoders whose base model has ``embeddings`` and a layer stack (``encoder`` or ``transformer``) taking
-``(hidden_states, attention_mask)`` (BERT, RoBERTa, DistilBERT, MiniLM, ...); any other model, or runs whose frozen
-weights differ, train one at a time (:class:`PackError` says why, recorded too).
+``(hidden_states, attention_mask)`` and attending through transformers' attention functions (BERT, RoBERTa,
+DistilBERT, MiniLM, ...), checked once per pack by a packed forward against the runs' own; any other model, or runs
+whose frozen weights differ, train one at a time (:class:`PackError` says why, recorded in ``speed.packing``).
 
 Example::
 
@@ -55,8 +58,7 @@ def pack_key(run) -> str | None:
     """Runs with equal keys may be packed together; None: the run trains alone (``pack_runs`` 1, a method that
     does not pack, or a setting that changes steps: gradient checkpointing, token-bounded batches)."""
     train = run.train
-    if (train.get("pack_runs", 1) <= 1 or train.get("gradient_checkpointing") or train.get("max_tokens_per_batch")
-            or not methods.packable(run.method, run.method_params)):
+    if train.get("pack_runs", 1) <= 1 or not methods.packs(run.method, run.method_params, train):
         return None
     shared = {key: train.get(key) for key in SHARED_TRAIN_KEYS}
     layout = {key: run.method_params.get(key) for key in ("target_modules", "head")}
@@ -102,6 +104,10 @@ class Pack:
         for base in self.bases:
             if not isinstance(getattr(base, "embeddings", None), nn.Module):
                 raise PackError(f"{type(base).__name__} has no embeddings module")
+            if not getattr(type(base), "_supports_attention_backend", False):  # e.g. MPNet's, DeBERTa's own attention
+                raise PackError(f"{type(base).__name__} does not attend through transformers' attention functions")
+            if getattr(base, "embeddings_project", None) is not None:  # ELECTRA-small: a layer between the two
+                raise PackError(f"{type(base).__name__} projects its embeddings before the encoder")
             _stack(base)
         first = dict(self._encoder_parameters(0))
         for k in range(1, len(models)):
@@ -113,6 +119,33 @@ class Pack:
         if trained:
             raise PackError(f"a shared encoder weight trains ({trained[0]})")
         self.layers = {path: [m.get_submodule(path) for m in models] for path in self.method.pack_layers(models[0])}
+        self._check()
+
+    def _check(self) -> None:
+        """One packed forward of two short texts per run against the runs' own forwards (eval mode, no grad): a
+        model whose encoder does something this module does not know raises PackError here instead of training
+        on wrong logits."""
+        modes = [(m, m.training) for model in self.models for m in model.modules()]
+        device = next(self.models[0].parameters()).device
+        ids = torch.arange(5, 11, device=device).view(2, 3)
+        inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]], device=device)}
+        bf16 = any(p.dtype == torch.bfloat16 for p in self.models[0].parameters())  # train.bf16_weights
+        try:
+            for model in self.models:
+                model.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                packed = self.forward(list(range(len(self.models))), [inputs] * len(self.models))
+                alone = [model(**inputs).logits for model in self.models]
+            tol = 5e-2 if bf16 else 1e-4
+            if not all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(packed, alone)):
+                raise PackError("a packed forward does not give the runs' own logits on this model")
+        except PackError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the architecture does differently
+            raise PackError(f"a packed forward fails on this model ({type(e).__name__}: {e})") from None
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def _encoder_parameters(self, k: int):
         base = self.bases[k]

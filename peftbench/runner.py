@@ -227,6 +227,7 @@ class _Built:
     evaluate: Callable[[str], tuple[dict[str, Any], torch.Tensor]]
     job: Job | None = None
     bar: Any = None
+    rng: Any = None  # torch's generator state once built: a run of a group trained alone starts from it, as solo
 
 
 def _build(run: RunConfig, store: Store, device: torch.device, writer: RunWriter, env: dict, position: int,
@@ -315,6 +316,7 @@ def _build(run: RunConfig, store: Store, device: torch.device, writer: RunWriter
 
     b.job = Job(model, p.forward, train_batches, lambda: evaluate("validation")[0], settings, set_train_mode,
                 on_epoch, optimizer, methods.step_hook(run.method, model, run.method_params))
+    b.rng = torch.random.get_rng_state()
     return b
 
 
@@ -328,18 +330,20 @@ def _train_all(built: dict[int, "_Built"], device: torch.device) -> dict[int, An
         try:
             pack = packing.Pack([built[i].p.model for i in trainees], built[trainees[0]].run.method)
             note = {"runs": len(trainees), "run_ids": [built[i].run.run_id for i in trainees]}
-        except packing.PackError as e:
-            note = {"runs": 1, "not_packed": str(e)}
+        except Exception as e:  # noqa: BLE001 - PackError, or anything else: the runs then train one at a time
+            note = {"runs": 1, "not_packed": _one_line(e) if not isinstance(e, packing.PackError) else str(e)}
         for n, i in enumerate(trainees):
             built[i].speed["packing"] = {**note, "index": n} if pack else note
     if pack is None:
         for i in trainees:
             j = built[i].job
+            if len(trainees) > 1:
+                torch.random.set_rng_state(built[i].rng)  # as it was when this run was built: its dropout as solo
             try:
                 out[i] = train(j.model, j.forward, j.train_batches, j.evaluate, j.settings, device, j.set_train_mode,
                                j.on_epoch, j.optimizer, j.after_step)
             except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - recorded in that run's result
-                out[i] = e
+                out[i] = e.with_traceback(None)  # its frames (activations, an OOM's memory) freed for the next run
             built[i].bar.close()
         return out
 
@@ -351,10 +355,7 @@ def _train_all(built: dict[int, "_Built"], device: torch.device) -> dict[int, An
             labels.append(p.labels[split][idx].to(device, non_blocking=True))
         return list(zip(pack.forward(active, inputs), labels))
 
-    try:
-        results = train_packed([built[i].job for i in trainees], forward, device)
-    except (Exception, torch.cuda.OutOfMemoryError) as e:  # noqa: B014 - every run of the pack records it
-        results = [e] * len(trainees)
+    results = train_packed([built[i].job for i in trainees], forward, device)
     for i, r in zip(trainees, results):
         out[i] = r
         built[i].bar.close()

@@ -74,7 +74,8 @@ class Point:
     def trial_run(self, params: dict[str, Any], seed: int | None = None) -> RunConfig:
         """The run of a trial: the sampled values in place of the ranges (as expand_runs would write fixed values, so
         a trial is the same run, same id, as the grid run of those values)."""
-        train = methods.METHODS[self.template.method].relevant_train({**self.template.train, **params})
+        train = methods.METHODS[self.template.method].relevant_train({**self.template.train, **params},
+                                                                   self.template.method_params)
         return dataclasses.replace(self.template, train=train,
                                    seed=self.template.seed if seed is None else seed)
 

@@ -178,5 +178,71 @@ def test_runs_whose_frozen_weights_differ_train_alone(tmp_path, tiny_bert, tiny_
     with pytest.raises(packing.PackError, match="frozen weights differ"):
         packing.Pack(models, "lora")
     assert len(splits.train) > 0
-    assert not methods.packable("lora", {"use_dora": True}) and not methods.packable("full", {})
-    assert not methods.packable("adalora", {}) and methods.packable("loraplus", {"bias": "none"})
+    assert not methods.packs("lora", {"use_dora": True}, {}) and not methods.packs("full", {}, {})
+    assert not methods.packs("adalora", {}, {}) and methods.packs("loraplus", {"bias": "none"}, {})
+    assert not methods.packs("lora", {}, {"gradient_checkpointing": True})
+    assert not methods.packs("lora", {}, {"max_tokens_per_batch": 2048})
+
+
+def test_runs_that_cannot_pack_train_exactly_as_alone_and_say_why(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    """A group whose models refuse to pack trains one run at a time, each from the generator state it had when it
+    was built: with dropout on, the same losses as the runs trained alone."""
+    solo = run_study(tmp_path, tiny_bert, tiny_data, 1, seeds="[0]")
+
+    def refuse(*args, **kwargs):
+        raise packing.PackError("refused by the test")
+
+    monkeypatch.setattr(packing, "Pack", refuse)
+    fallback = run_study(tmp_path, tiny_bert, tiny_data, 4, seeds="[0]")
+    for key, a in solo.items():
+        b = fallback[key]
+        assert b["status"] == "success" and a["losses"] == b["losses"] and a["probs"].equals(b["probs"])
+        if key[0] == "lora":
+            assert b["speed"]["packing"] == {"runs": 1, "not_packed": "refused by the test"}
+
+
+def test_an_encoder_outside_transformers_attention_functions_does_not_pack(tiny_bert, monkeypatch):
+    from transformers import BertModel
+
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        models.append(methods.prepare("lora", build_classifier(str(tiny_bert), 2),
+                                      {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": "auto",
+                                       "bias": "none"}))
+    monkeypatch.setattr(BertModel, "_supports_attention_backend", False)  # as MPNet's or DeBERTa's own attention
+    with pytest.raises(packing.PackError, match="attention functions"):
+        packing.Pack(models, "lora")
+
+
+def test_a_job_failing_leaves_the_others_of_its_pack_training():
+    from peftbench.engine import Job, TrainSettings, train_packed
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
+    models = [torch.nn.Linear(4, 2) for _ in range(3)]
+    settings = TrainSettings(epochs=3, lr=1e-2, weight_decay=0.0, lr_scheduler="linear", warmup_ratio=0.0,
+                             max_grad_norm=1.0, early_stopping_patience=None, metric_for_best="loss", bf16=False,
+                             steps_per_epoch=3)
+    calls = {k: 0 for k in range(3)}
+
+    def evaluate(k):
+        def run():
+            calls[k] += 1
+            if k == 1 and calls[k] == 2:
+                raise RuntimeError("evaluation broke")
+            return {"loss": -calls[k], "accuracy": 0.0, "f1_macro": 0.0, "f1_weighted": 0.0}
+        return run
+
+    jobs = [Job(m, None, lambda epoch: [slice(0, 4), slice(4, 8), slice(8, 12)], evaluate(k), settings)
+            for k, m in enumerate(models)]
+
+    def forward(active, batches):
+        return [(models[k](x[b]), y[b]) for k, b in zip(active, batches)]
+
+    results = train_packed(jobs, forward, torch.device("cpu"))
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "evaluation broke"
+    for k in (0, 2):
+        history, best_epoch, _ = results[k]
+        assert len(history) == 3 and best_epoch == 3
+    assert calls == {0: 3, 1: 2, 2: 3}

@@ -203,9 +203,9 @@ def run_baseline(method: str, params: dict[str, Any], splits, seed: int, cache_d
     return spec.run_baseline({k: params.get(k, f.default) for k, f in spec.params.items()}, splits, seed, cache_dir)
 
 
-def packable(method: str, params: dict[str, Any]) -> bool:
-    """Whether runs of ``method`` with ``params`` may share a forward pass (:mod:`peftbench.packing`)."""
-    return method in METHODS and METHODS[method].packable(params)
+def packs(method: str, params: dict[str, Any], train: dict[str, Any]) -> bool:
+    """Whether a run of ``method`` with ``params`` and ``train`` may share a forward pass (:mod:`peftbench.packing`)."""
+    return method in METHODS and METHODS[method].packs(params, train)
 
 
 def hold_frozen_in_bf16(model: nn.Module) -> int:

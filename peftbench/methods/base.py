@@ -108,12 +108,14 @@ class Method:
         base = name or ("+".join([self.name] + flags) if flags else self.name)
         return " ".join([base] + bits)
 
-    def relevant_train(self, train: dict[str, Any]) -> dict[str, Any]:
-        """The training settings that enter the run (and its id); ``pack_runs`` only for a method that packs."""
+    def relevant_train(self, train: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The training settings that enter the run (and its id); ``pack_runs`` only for a run that can pack
+        (:meth:`packs`; without ``params``, for a method that can)."""
         if not self.trains:
             return {k: train[k] for k in EVAL_ONLY_TRAIN_KEYS if k in train}
         out = omit_defaults(train)
-        if type(self).packable is Method.packable:
+        can = type(self).packable is not Method.packable if params is None else self.packs(params, train)
+        if not can:
             out.pop("pack_runs", None)
         return out
 
@@ -178,6 +180,12 @@ class Method:
         """Whether runs of this method can be packed (``train.pack_runs``, :mod:`peftbench.packing`): their frozen
         base weights shared, only adapters (and the head, after the encoder) differing between runs. No by default."""
         return False
+
+    def packs(self, params: dict[str, Any], train: dict[str, Any]) -> bool:
+        """Whether a run with these settings can share a forward pass: the method packs them, and no setting cuts or
+        recomputes its steps (gradient checkpointing, token-bounded batches)."""
+        return (self.packable(params) and not train.get("gradient_checkpointing")
+                and not train.get("max_tokens_per_batch"))
 
     def pack_layers(self, model: nn.Module) -> list[str]:
         """Packing: paths of the layers whose output adds a per-run adapter update to a frozen base layer's."""
