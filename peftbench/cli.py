@@ -63,6 +63,9 @@ def _picked(args: argparse.Namespace, fields: dict, prefix: str = "") -> dict[st
     return {k: getattr(args, prefix + k) for k in fields if getattr(args, prefix + k, None) is not None}
 
 
+AUTO_JOB_MEMORY = 4 * 2**30  # bytes of free memory ``--jobs auto`` counts per worker (a MiniLM worker holds ~2 GB)
+
+
 def _jobs(text: str) -> int | str:
     """``--jobs 2`` → 2; ``auto`` stays (resolved once the threads are chosen: one 1-thread job per thread on CPU)."""
     if text == "auto":
@@ -194,10 +197,13 @@ def _run(study, args) -> int:
             raise ConfigError("--executor ray needs Ray: pip install 'peftbench[ray]'") from None
     else:
         threads = set_threads(getattr(args, "threads", None))  # cores less busy ones (Ray: cpus_per_run instead)
-        if jobs == "auto":  # on CPU one 1-thread job per thread; one job on an accelerator
+        if jobs == "auto":  # on CPU one 1-thread job per thread (as memory allows); one job on an accelerator
+            import psutil
+
             from peftbench.environment import pick_device
 
-            jobs = threads if pick_device(args.device).type == "cpu" else 1
+            room = max(1, int(psutil.virtual_memory().available // AUTO_JOB_MEMORY))
+            jobs = min(threads, room) if pick_device(args.device).type == "cpu" else 1
     summaries = []
 
     def execute(runs=None):
@@ -454,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "task (docs/scale-out.md)")
     p.add_argument("--jobs", type=_jobs, default=1,
                    help="local: train this many runs at once, in worker processes sharing the torch threads; auto: "
-                        "on CPU one 1-thread job per thread, else 1 (default: 1, in this process; the demo on 2 "
-                        "cores ran 1.4x faster with 2)")
+                        "on CPU one 1-thread job per thread (at most one per 4 GB of free memory), else 1 (default: "
+                        "1, in this process; the demo on 2 cores ran 1.4x faster with 2)")
     p.add_argument("--address", default=None,
                    help="ray: cluster to join, 'auto' or 'ray://HOST:10001' (default: RAY_ADDRESS, or a local Ray)")
     p.add_argument("--cpus-per-run", type=float, default=1,

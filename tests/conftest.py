@@ -65,6 +65,20 @@ def save_tiny_model(folder: Path, arch: str = "bert", mean_pooling: bool = False
     return folder
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread (as the runner uses under ``OMP_NUM_THREADS``): reductions are summed in a
+    thread-count-dependent order, tiny models gain nothing from threads, and on a busy machine idle-spinning OpenMP
+    threads slow them 100x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # environment.set_threads then leaves the count alone
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from peftbench.cli import main
 from peftbench.store import load_results
@@ -68,16 +67,6 @@ method = "tfidf"
 EPOCH_KEYS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
               "val_f1_weighted", "lr")
 
-
-@pytest.fixture
-def one_thread(monkeypatch):
-    """Reductions are summed in a thread-count-dependent order: pin one thread (as the runner does under
-    ``OMP_NUM_THREADS``)."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def observe(store: Path) -> dict[str, dict]:

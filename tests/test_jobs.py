@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from peftbench.cli import main
 from peftbench.store import Store
@@ -26,13 +25,7 @@ method = "full"
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stored(store) -> dict:
@@ -90,3 +83,16 @@ def test_bad_jobs_stop_before_anything_runs(tmp_path, tiny_bert, tiny_data, caps
     assert code == 2
     assert message in capsys.readouterr().err
     assert Store(tmp_path / "st").run_ids() == []
+
+
+def test_jobs_auto_is_one_one_thread_job_per_thread_as_memory_allows(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    from peftbench import cli
+
+    study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, "[[arms]]\nmethod = \"lora\"\nr = [2, 4]\n")
+    common = ["--no-report", "--set", "train.epochs=1", "--threads", "2", "--jobs", "auto"]
+    assert main(["run", str(study), "--store", str(tmp_path / "two"), *common]) == 0
+    whys = {r["environment"]["threads"]["why"] for r in Store(tmp_path / "two").results()}
+    assert whys == {"1 of 2 thread(s) for each of 2 jobs"}
+    monkeypatch.setattr(cli, "AUTO_JOB_MEMORY", 2**60)  # no room for a second worker: one job, in this process
+    assert main(["run", str(study), "--store", str(tmp_path / "one"), *common]) == 0
+    assert {r["environment"]["threads"]["why"] for r in Store(tmp_path / "one").results()} == {"--threads"}

@@ -24,14 +24,7 @@ from tests.conftest import write_study
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "auto", "bias": "none"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models gain nothing from threads, and on a busy machine idle-spinning OpenMP threads slow them 100x."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # environment.set_threads leaves the count alone
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prepare(model_dir, data_dir, method="full", length_buckets=True) -> Prepared:
