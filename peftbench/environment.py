@@ -84,8 +84,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@functools.lru_cache(maxsize=1)
 def environment_base() -> dict[str, Any]:
+    """The environment stored with each result: the process's fixed facts, and its thread choice now."""
+    return {**_static_environment(), "torch_threads": torch.get_num_threads(), "threads": dict(THREADS)}
+
+
+@functools.lru_cache(maxsize=1)
+def _static_environment() -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -103,7 +108,7 @@ def environment_base() -> dict[str, Any]:
         versions["peftbench"] = None
     return {"python": platform.python_version(), "packages": versions, "git_hash": git_hash,
             "hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "threads": dict(THREADS), "cpu": cpu_numerics()}
+            "cpu": cpu_numerics()}
 
 
 class PeakMemory:
