@@ -1,9 +1,11 @@
-"""Where runs execute: here, one after another (:func:`run_study`), or as Ray tasks across GPUs and machines.
+"""Where runs execute: here, one after another or ``jobs`` at a time (:func:`run_study`), or as Ray tasks across GPUs
+and machines.
 
 Both executors plan the study the same way (:func:`plan_runs`), count what comes back the same way
-(:func:`account_result`) and go through :func:`execute_claimed`, so the store stays the single source of truth: a run is trained only
-by the runner holding its claim (``STORE/.claims/<run_id>``), its folder appears atomically when it is finished, and a
-study resumes correctly whichever executor ran what. Ray is imported only by :func:`run_ray`.
+(:func:`account_result`) and go through :func:`execute_claimed_group`, so the store stays the single source of truth:
+a run is trained only by the runner holding its claim (``STORE/.claims/<run_id>``), its folder appears atomically
+when it is finished, and a study resumes correctly whichever executor ran what. Ray is imported only by
+:func:`run_ray`.
 
 Example::
 
@@ -134,7 +136,7 @@ def run_study(study: Study, store: str | Path | None = None, device: str = "auto
     bar = progress.bar(total=round(total_work), desc=f"study {study.name}", position=0, unit="ex", unit_scale=True)
     groups = packing.plan(todo)  # runs one at a time, or packs of runs trained together (train.pack_runs)
     if jobs > 1 and len(groups) > 1:
-        done = _in_workers(groups, store_obj, dev, owner, seen, study.tracking, jobs)
+        done = _in_workers(groups, store_obj, dev, owner, seen, study.tracking, jobs, work)
     else:
         done = ((group, execute_claimed_group(group, store_obj, dev, owner, [seen[run.run_id] for run in group],
                                               tracking=study.tracking)) for group in groups)
@@ -157,9 +159,9 @@ WORKER_RETRIES = 2  # times a group is retried when a worker process dies while 
 
 
 def _in_workers(groups: list[list[RunConfig]], store: Store, device, owner: str, seen: dict[str, Any],
-                tracking: dict[str, Any] | None, jobs: int):
+                tracking: dict[str, Any] | None, jobs: int, work: dict[str, float]):
     """Yield (group, results) as ``jobs`` worker processes (spawned: a fresh interpreter, no forked OpenMP state)
-    finish the groups, longest expected work first. Each worker uses ``torch threads // jobs`` threads (at least 1).
+    finish the groups, longest expected work (``work``, by run id) first. Each worker uses ``torch threads // jobs`` threads (at least 1).
     When a worker dies (e.g. killed for memory) the pool breaks: the unfinished groups go to a new pool, the ones that
     were running (the first ``jobs`` unfinished, as the pool starts them in order) charged one attempt; a group
     charged more than ``WORKER_RETRIES`` times is stored as failed (:func:`record_lost_run`). Ctrl-C stops the
@@ -172,7 +174,7 @@ def _in_workers(groups: list[list[RunConfig]], store: Store, device, owner: str,
 
     threads = max(1, torch.get_num_threads() // jobs)
     why = f"{threads} of {torch.get_num_threads()} thread(s) for each of {jobs} jobs"
-    pending = sorted(range(len(groups)), key=lambda g: -sum(expected_work(r) for r in groups[g]))
+    pending = sorted(range(len(groups)), key=lambda g: -sum(work[r.run_id] for r in groups[g]))
     attempts = dict.fromkeys(pending, 0)
 
     def lost(g: int, error: str) -> list[dict[str, Any] | None]:
@@ -274,18 +276,13 @@ def holding(store: Store, run_id: str, owner: str, seen: Any):
         store.release(run_id, owner)
 
 
-def execute_claimed(run: RunConfig, store: Store, device, owner: str, seen: Any = None,
-                    position: int = 1, tracking: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """:func:`~peftbench.runner.execute_run` under the run's claim; None, running nothing, when the run is not ours
-    to run (another live runner holds it, or finished it since we planned: see :func:`holding`). ``tracking``: the
-    study's ``[tracking]`` (the experiment trackers the run is also logged to, once its files are written)."""
-    return execute_claimed_group([run], store, device, owner, [seen], position, tracking)[0]
-
-
 def execute_claimed_group(runs: list[RunConfig], store: Store, device, owner: str, seen: list[Any],
                           position: int = 1, tracking: dict[str, Any] | None = None) -> list[dict[str, Any] | None]:
-    """:func:`execute_claimed` for a group of runs trained together (a pack, :mod:`peftbench.packing`): each run
-    under its own claim, heartbeat and trackers; those not ours (None) are left out of the pack."""
+    """:func:`~peftbench.runner.execute_runs` of ``runs`` (one run, or a pack trained together:
+    :mod:`peftbench.packing`), each under its own claim, heartbeat and trackers. A run not ours to run (another live
+    runner holds it, or finished it since we planned: see :func:`holding`) is left out, its result None.
+    ``tracking``: the study's ``[tracking]`` (the experiment trackers each run is also logged to, once its files are
+    written)."""
     out: list[dict[str, Any] | None] = [None] * len(runs)
     with contextlib.ExitStack() as stack:
         ours = [i for i, run in enumerate(runs) if stack.enter_context(holding(store, run.run_id, owner, seen[i]))]
@@ -315,13 +312,10 @@ def record_lost_run(run: RunConfig, store: Store, owner: str, seen: Any, error: 
 
 def _run_in_worker(run: dict[str, Any], root: str, device: str, owner: str, seen: Any,
                    threads: int, tracking: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The Ray task: one run into the shared store, in a worker process."""
-    import torch
-
-    torch.set_num_threads(threads)  # metrics match the local executor's only at the same thread count
-    progress.quiet_libraries()
-    return execute_claimed(RunConfig.from_dict(run), Store(root), pick_device(device), owner, seen,
-                           tracking=tracking)
+    """The Ray task: one run into the shared store, in a worker process (metrics match the local executor's only at
+    the same thread count)."""
+    return _run_group_in_worker([run], root, device, owner, [seen], threads, tracking,
+                                f"--cpus-per-run: {threads} thread(s)")[0]
 
 
 def run_ray(study: Study, store: str | Path | None = None, device: str = "auto", retry_failed: bool = True,
