@@ -263,27 +263,15 @@ def section_pack(sizes: dict, store: Store, device: torch.device) -> dict:
 
 def profile_pack(sizes: dict, device: torch.device, n: int) -> dict:
     """torch.profiler of ``profile_steps`` packed steps of ``n`` LoRA runs vs the same steps run one run at a time."""
-    splits = get_splits({**bs.dataset_defaults(name="rt", **DEMO_DATA), "max_train": 2000})
-    tokenizer = load_tokenizer(bs.MINILM)
-    ids = tokenize(splits.train["text"].tolist(), tokenizer, 64)
-    y = torch.tensor(splits.train["label"].to_numpy())
+    ids, y, pad_id = profile_data()
     bf16 = bf16_supported(device)
-    models, orders = [], []
-    for k in range(n):
-        torch.manual_seed(k)
-        model = methods.prepare("lora", build_classifier(bs.MINILM, 2),
-                                {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "auto",
-                                 "bias": "none"}).to(device).train()
-        if bf16:
-            methods.hold_frozen_in_bf16(model)
-        dropout.use_fast_dropout(model, device)
-        models.append(model)
-        orders.append(make_batches([len(x) for x in ids], 32, True, k)[: sizes["profile_steps"] + 2])
+    models = [profile_model(k, FAST, device) for k in range(n)]
+    orders = [make_batches([len(x) for x in ids], 32, True, k)[: sizes["profile_steps"] + 2] for k in range(n)]
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, fused=True) for m in models]
     pack = packing.Pack(models, "lora")
 
     def inputs(k, t):
-        return {key: v.to(device) for key, v in collate(ids, orders[k][t], tokenizer.pad_token_id).items()}
+        return {key: v.to(device) for key, v in collate(ids, orders[k][t], pad_id).items()}
 
     def update():
         for m, opt in zip(models, opts):
@@ -314,28 +302,39 @@ def profile_pack(sizes: dict, device: torch.device, n: int) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def section_profile(sizes: dict, device: torch.device) -> dict:
+def profile_data() -> tuple[list[list[int]], torch.Tensor, int]:
+    """The profiles' data: the demo's 2,000 training texts as MiniLM token ids (64 at most), labels, padding id."""
     splits = get_splits({**bs.dataset_defaults(name="rt", **DEMO_DATA), "max_train": 2000})
     tokenizer = load_tokenizer(bs.MINILM)
     ids = tokenize(splits.train["text"].tolist(), tokenizer, 64)
-    y = torch.tensor(splits.train["label"].to_numpy())
+    return ids, torch.tensor(splits.train["label"].to_numpy()), tokenizer.pad_token_id
+
+
+def profile_model(seed: int, switch: dict, device: torch.device) -> torch.nn.Module:
+    """The demo's LoRA r=4 on MiniLM, in training mode, with the fast-path ``switch`` applied as the runner does."""
+    torch.manual_seed(seed)
+    model = methods.prepare("lora", build_classifier(bs.MINILM, 2),
+                            {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "auto",
+                             "bias": "none"}).to(device).train()
+    if switch.get("bf16_weights") and bf16_supported(device):
+        methods.hold_frozen_in_bf16(model)
+    if switch.get("fast_dropout"):
+        dropout.use_fast_dropout(model, device)
+    return model
+
+
+def section_profile(sizes: dict, device: torch.device) -> dict:
+    ids, y, pad_id = profile_data()
     batches = make_batches([len(x) for x in ids], 32, True, 0)[: sizes["profile_steps"] + 2]
     bf16 = bf16_supported(device)
     out = {}
     for name, switch in SWITCHES.items():
-        torch.manual_seed(0)
-        model = methods.prepare("lora", build_classifier(bs.MINILM, 2),
-                                {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "auto",
-                                 "bias": "none"}).to(device).train()
-        if switch.get("bf16_weights") and bf16:
-            methods.hold_frozen_in_bf16(model)
-        if switch.get("fast_dropout"):
-            dropout.use_fast_dropout(model, device)
+        model = profile_model(0, switch, device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
 
         def step(b):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(**{k: v.to(device) for k, v in collate(ids, b, tokenizer.pad_token_id).items()}).logits
+                logits = model(**{k: v.to(device) for k, v in collate(ids, b, pad_id).items()}).logits
             torch.nn.functional.cross_entropy(logits.float(), y[b].to(device)).backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
