@@ -81,7 +81,8 @@ TRAIN_FIELDS: dict[str, Field] = by_name(
           "AMX); fp32 elsewhere"),
     Field("pooling", str, "auto", "sentence representation: cls (the model's own head), mean, or auto",
           choices=("auto", "cls", "mean")),
-    Field("cache_frozen_features", bool, True, "frozen method: run the encoder once per example and reuse its output"),
+    Field("cache_frozen_features", bool, True, "frozen method: run the encoder once per example and reuse its output "
+          "(shared by the store's runs with the same encoder weights, token ids and settings)"),
     Field("length_buckets", bool, True, "batch texts of similar length together (sorted within large random pools), "
           "so batches carry little padding"),
     Field("fused_optimizer", bool, True, "fused AdamW kernel on CUDA and CPU (the same update in one pass)"),

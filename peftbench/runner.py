@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,8 +35,8 @@ from peftbench.data import Splits, collate, encode_frame, load_splits, make_batc
 from peftbench.engine import Job, TrainSettings, autocast, bf16_supported, predict, train, train_packed
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
-from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
-                              model_fingerprint, portable_model_id, resolve_model)
+from peftbench.models import (build_classifier, enable_gradient_checkpointing, head_paths, in_paths, load_model_config,
+                              load_tokenizer, model_fingerprint, portable_model_id, resolve_model)
 from peftbench.store import RunWriter, Store
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
@@ -132,6 +134,54 @@ def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
                     feats = p.model.features(**inputs)
                 out[torch.as_tensor(idx)] = feats.float().cpu()
             p.features[split] = out
+
+
+def _features_key(p: Prepared, run: RunConfig, bf16: bool, head: list[str]) -> str:
+    """What a frozen encoder's cached outputs depend on: every weight and buffer outside the head (so a seed's
+    random-init encoder is its own), the token ids (and segments) of every split, how they are batched, autocast,
+    device, thread count and torch version (bf16 GEMMs may round differently with other blocking)."""
+    key = hashlib.sha256(b"frozen-features-v1")
+    key.update(json.dumps([type(p.model).__name__, torch.__version__, p.device.type, bf16, torch.get_num_threads(),
+                           run.train["eval_batch_size"], run.train.get("max_tokens_per_batch"), p.length_buckets,
+                           ]).encode())
+    paths = head_paths(p.model, head)
+    for name, tensor in p.model.state_dict().items():
+        if not in_paths(name, paths):
+            key.update(name.encode())
+            key.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    for ids in (p.ids, p.type_ids):
+        key.update(json.dumps(ids, separators=(",", ":")).encode())
+    return key.hexdigest()[:24]
+
+
+def _shared_features(p: Prepared, run: RunConfig, bf16: bool, head: list[str], cache_dir: Path) -> tuple[float, bool]:
+    """:func:`_cache_features`, shared by the runs of a store: the first run whose encoder, data and settings give
+    a key (:func:`_features_key`) computes the outputs and leaves them in ``STORE/.cache/features/``; the others
+    (other seeds or learning rates of the frozen arm, the untrained baseline) load them, bit for bit what they
+    would compute. Returns (the seconds of the encoder pass, whether it was another run's). A lock makes a second
+    process wait for the first rather than compute the same pass beside it."""
+    path = cache_dir / "features" / f"{_features_key(p, run, bf16, head)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        with contextlib.suppress(ImportError, OSError):
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+                p.features.update(cached["features"])
+                return float(cached["seconds"]), True
+            except Exception:  # noqa: BLE001 - a torn cache file is only a cache miss
+                p.features.clear()
+                path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        _cache_features(p, run, bf16)
+        seconds = time.perf_counter() - start
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"features": dict(p.features), "seconds": seconds}, tmp)
+        tmp.replace(path)
+        return seconds, False
 
 
 def execute_run(run: RunConfig, store: Store, device: torch.device, position: int = 1,
@@ -262,11 +312,10 @@ def _build(run: RunConfig, store: Store, device: torch.device, writer: RunWriter
     fast_dropout = dropout.use_fast_dropout(model, device) if cfg.get("fast_dropout") else 0
     max_tokens = cfg.get("max_tokens_per_batch")
     frozen = methods.uses_frozen_encoder(run.method)
-    cache_time = 0.0
+    cache_time, shared = 0.0, False
     if frozen and cfg.get("cache_frozen_features", True) and hasattr(model, "features"):
-        start = time.perf_counter()
-        _cache_features(p, run, bf16)
-        cache_time = time.perf_counter() - start  # the encoder pass is part of training the head: counted in it
+        # the encoder pass is part of training the head: counted in it, also when another run of the store made it
+        cache_time, shared = _shared_features(p, run, bf16, resolved.get("head", []), store.cache_dir)
 
     def set_train_mode():
         model.train()
@@ -280,7 +329,7 @@ def _build(run: RunConfig, store: Store, device: torch.device, writer: RunWriter
     speed = {"bf16": bf16, "length_buckets": p.length_buckets, "padding_pct": None, "max_tokens_per_batch": max_tokens,
              "split_steps": 0, "fused_optimizer": False, "torch_threads": torch.get_num_threads(),
              "attention": getattr(getattr(backbone.model, "config", None), "_attn_implementation", None),
-             "frozen_features_cached": bool(p.features), "merged_for_eval": False,
+             "frozen_features_cached": bool(p.features), "frozen_features_shared": shared, "merged_for_eval": False,
              "gradient_checkpointing": bool(cfg.get("gradient_checkpointing")), "bf16_weights": frozen_bf16 > 0,
              "bf16_weight_params": frozen_bf16, "fast_dropout": fast_dropout > 0}
     b = _Built(run, p, backbone, writer, resolved, params, pretrained, bf16, speed, cache_time, set_train_mode,

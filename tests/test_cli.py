@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from peftbench.cli import main
 from peftbench.config import expand_runs, load_study
+from peftbench.runner import execute_run
 from peftbench.store import Store, load_results
 from tests.conftest import TINY_ARMS, write_study
 
@@ -153,6 +155,32 @@ def test_frozen_cached_features_give_the_same_results_as_recomputing(tmp_path, t
     a = pd.DataFrame(results["true"]["preds"]["probs"].tolist())
     b = pd.DataFrame(results["false"]["preds"]["probs"].tolist())
     assert (a - b).abs().max().max() < 1e-4
+
+
+def test_frozen_features_are_shared_by_the_runs_of_a_store(tmp_path, tiny_minilm_like, tiny_data, one_thread):
+    """The frozen arm's seeds and the untrained baseline run the same encoder over the same data: the first run
+    computes its outputs, the others load them, and every run's predictions are those it gives in a store of its
+    own. Other token ids (max_length) are another key."""
+    arms = ("[[arms]]\nmethod = \"untrained\"\n[[arms]]\nmethod = \"frozen\"\nlr = 1e-2\n"
+            "[[arms]]\nmethod = \"frozen\"\nname = \"frozen short\"\nlr = 1e-2\nmax_length = 8\n")
+    study = write_study(tmp_path / "s.toml", tiny_minilm_like, tiny_data, arms, seeds="[0, 1]")
+    assert main(["run", str(study), "--store", str(tmp_path / "shared"), "--no-report"]) == 0
+    results = [json.loads(p.read_text()) for p in (tmp_path / "shared").glob("*/result.json")]
+    assert len(results) == 6 and len(list((tmp_path / "shared" / ".cache" / "features").glob("*.pt"))) == 2
+    shared_by_length: dict[int, list[bool]] = {}
+    for r in results:
+        shared_by_length.setdefault(r["config"]["train"]["max_length"], []).append(r["speed"]["frozen_features_shared"])
+        assert r["costs"]["feature_cache_s"] > 0  # the encoder pass's cost, also when another run made it
+    assert sorted(shared_by_length[32]) == [False, True, True, True] and sorted(shared_by_length[8]) == [False, True]
+    for run in expand_runs(load_study(study)):
+        alone = tmp_path / f"alone-{run.run_id}"
+        store = Store(alone)
+        store.open()
+        result = execute_run(run, store, torch.device("cpu"))
+        assert not result["speed"]["frozen_features_shared"]
+        a = pd.read_parquet(alone / run.run_id / "predictions.parquet")["probs"]
+        b = pd.read_parquet(tmp_path / "shared" / run.run_id / "predictions.parquet")["probs"]
+        assert [list(x) for x in a] == [list(x) for x in b], run.arm
 
 
 def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, tiny_study):

@@ -21,11 +21,24 @@ def test_keep_rate_is_one_minus_p(p):
     mask = dropout.keep_mask((1000, 1000), p).numpy()
     test = stats.binomtest(int(mask.sum()), mask.size, 1 - p)
     assert test.pvalue > 1e-3
-    # neighbouring elements (the two halves of one 64-bit word) are independent: a 2×2 table's chi-square
+    # neighbouring elements (neighbouring bytes of one 64-bit word) are independent: a 2×2 table's chi-square
     pairs = mask.reshape(-1, 2)
     table = [[np.sum(~pairs[:, 0] & ~pairs[:, 1]), np.sum(~pairs[:, 0] & pairs[:, 1])],
              [np.sum(pairs[:, 0] & ~pairs[:, 1]), np.sum(pairs[:, 0] & pairs[:, 1])]]
     assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+def test_ties_of_the_first_byte_are_resolved_by_the_other_24_bits():
+    # 1 − p = (230·2²⁴ + 2²³)/2³²: an element is kept outright when its first random byte is below 230, and, when
+    # it is 230 (1/256 of them), with probability 1/2 from its other 24 bits. Getting the ties wrong (all kept or all
+    # dropped) moves the keep rate by 1/512 ≈ 0.002, i.e. 13 standard errors at 4M elements.
+    keep = (230 * 2**24 + 2**23) / 2**32
+    torch.manual_seed(2)
+    mask = dropout.keep_mask((4_000_000,), 1 - keep).numpy()
+    assert stats.binomtest(int(mask.sum()), mask.size, keep).pvalue > 1e-3
+    for wrong in (230 / 256, 231 / 256):
+        assert stats.binomtest(int(mask.sum()), mask.size, wrong).pvalue < 1e-6
+    assert dropout.keep_mask((10,), 1e-12).all()  # (1 − p)·2³² rounds to 2³²: every element kept
 
 
 def test_seeded_and_fresh_per_call():

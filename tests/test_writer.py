@@ -42,6 +42,7 @@ WRITE_FUNCTIONS = {("json", "dump"), ("torch", "save"), ("pickle", "dump"), ("os
 OTHER_WRITERS = {
     ("peftbench.data", "encode"): "the token cache, STORE/.cache/tokens/",
     ("peftbench.llm", "_write_cache"): "the LLM response cache, STORE/.cache/",
+    ("peftbench.runner", "_shared_features"): "the frozen-encoder output cache, STORE/.cache/features/",
     ("peftbench.export", "export_run"): "an exported model folder (peftbench export --out, refused if not empty)",
     ("peftbench.export", "write_table"): "the output file of peftbench predict",
     ("peftbench.report", "write_report"): "the report folder: removes its own half-built copy",
