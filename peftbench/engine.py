@@ -319,10 +319,11 @@ def train_packed(jobs: list[Job], forward: Callable[[list[int], list[Any]], list
 @torch.no_grad()
 def predict(forward: Callable[[Any], torch.Tensor], batches: Iterable, device: torch.device,
             bf16: bool = False) -> torch.Tensor:
-    """Class probabilities for every batch, concatenated in batch order."""
+    """Class probabilities for every batch, concatenated in batch order. One autocast region for all batches: its
+    cache casts each trainable fp32 weight (full fine-tuning, unmerged adapters) to bf16 once, not once a batch."""
     out = []
-    for batch in batches:
-        with autocast(device, bf16):
+    with autocast(device, bf16):
+        for batch in batches:
             logits, _ = forward(batch)
-        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+            out.append(torch.softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))

@@ -14,7 +14,7 @@ import torch
 from peftbench import methods
 from peftbench.cli import main
 from peftbench.data import dataset_defaults, load_splits, tokenize
-from peftbench.engine import TrainSettings, train
+from peftbench.engine import TrainSettings, predict, train
 from peftbench.models import build_classifier, load_tokenizer
 from peftbench.executors import expected_work
 from peftbench.runner import Prepared
@@ -171,3 +171,20 @@ def test_study_eta_weighs_runs_by_expected_work(tmp_path, tiny_minilm_like, tiny
     assert main(["run", str(study_path), "--store", str(tmp_path / "st"), "--no-report"]) == 0
     out = capsys.readouterr().out
     assert out.count("done   ") == 2 and out.count("study ETA") == 1  # the last run has nothing left to estimate
+
+
+
+def test_one_autocast_region_for_all_prediction_batches_predicts_the_same(tiny_bert, tiny_data):
+    """engine.predict enters autocast once, so its cache casts each trainable fp32 weight once (not once a batch):
+    bit for bit the probabilities of an autocast region per batch."""
+    from peftbench.engine import autocast
+
+    p = prepare(tiny_bert, tiny_data)
+    p.model.eval()
+    batches = p.batches("test", 16, shuffle=False)
+    with torch.no_grad():
+        per_batch = []
+        for batch in batches:
+            with autocast(p.device, True):
+                per_batch.append(torch.softmax(p.forward(batch)[0].float(), dim=-1))
+    assert torch.equal(torch.cat(per_batch), predict(p.forward, batches, p.device, True))
