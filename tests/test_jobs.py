@@ -96,3 +96,54 @@ def test_jobs_auto_is_one_one_thread_job_per_thread_as_memory_allows(tmp_path, t
     monkeypatch.setattr(cli, "AUTO_JOB_MEMORY", 2**60)  # no room for a second worker: one job, in this process
     assert main(["run", str(study), "--store", str(tmp_path / "one"), *common]) == 0
     assert {r["environment"]["threads"]["why"] for r in Store(tmp_path / "one").results()} == {"--threads"}
+
+
+def _die_first_time(runs, root, *args):
+    """A worker task whose process dies mid-run (its run's folder half-built) the first time it meets a group (a
+    marker file per group in the store), then runs the group as usual: a worker killed for memory, say."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from peftbench import executors
+
+    marker = Path(root) / f".died-{hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()[:12]}"
+    if not marker.exists():
+        from peftbench import runner
+
+        marker.touch()
+        runner._run_baseline = lambda *a, **k: os._exit(1)  # this process only: after the run's writer began
+    return executors._run_group_in_worker(runs, root, *args)
+
+
+def _always_die(runs, root, *args):
+    import os
+
+    os._exit(1)
+
+
+BASELINES = "[[arms]]\nmethod = \"majority\"\n[[arms]]\nmethod = \"tfidf\"\n"
+
+
+def test_a_dead_worker_s_groups_are_retried_in_a_fresh_pool(tmp_path, tiny_bert, tiny_data, monkeypatch, capsys):
+    from peftbench import executors
+
+    monkeypatch.setattr(executors, "WORKER_TASK", _die_first_time)
+    study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, BASELINES)
+    assert main(["run", str(study), "--store", str(tmp_path / "st"), "--jobs", "2", "--no-report"]) == 0
+    results = Store(tmp_path / "st").results()
+    assert len(results) == 2 and all(r["status"] == "success" for r in results)
+    assert len(list((tmp_path / "st").glob(".died-*"))) == 2  # each group's worker died once, then it was trained
+    assert not any((tmp_path / "st" / ".tmp").glob("*"))  # the dead workers' half-built folders were cleaned
+
+
+def test_a_group_whose_worker_always_dies_is_stored_as_failed(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    from peftbench import executors
+
+    monkeypatch.setattr(executors, "WORKER_TASK", _always_die)
+    study = write_study(tmp_path / "s.toml", tiny_bert, tiny_data, BASELINES)
+    assert main(["run", str(study), "--store", str(tmp_path / "st"), "--jobs", "2", "--no-report"]) == 1
+    results = Store(tmp_path / "st").results()
+    assert len(results) == 2 and all(r["status"] == "failed" for r in results)
+    assert all(r["error"] == f"its worker process died on each of {executors.WORKER_RETRIES + 1} attempts"
+               for r in results)
