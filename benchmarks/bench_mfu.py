@@ -14,6 +14,7 @@ Sections:
   verdict   the MiniLM LoRA runs of both paths (3 seeds each) through the report's own verdict machinery
             (``verdict.judge`` at the demo's margin of 2 points, both directions: equivalent when each is
             non-inferior to the other)
+  ablation  MiniLM LoRA runs with no switch, each switch alone and both (2 seeds; A B C D, then D C B A)
   profile   torch.profiler of LoRA training steps on MiniLM (demo lengths, batch 32): self CPU time by operator,
             today and with each switch
   pack      MiniLM LoRA (fast switches) trained one run at a time vs 3 runs packed into one forward/backward
@@ -55,7 +56,7 @@ from peftbench.report import verdict  # noqa: E402
 from peftbench.runner import execute_run, execute_runs, get_splits  # noqa: E402
 from peftbench.store import Store  # noqa: E402
 
-SECTIONS = ("peak", "runs", "verdict", "profile", "pack")
+SECTIONS = ("peak", "runs", "verdict", "ablation", "profile", "pack")
 MARGIN = 2.0  # points: the demo study's non-inferiority margin
 FAST = {"bf16_weights": True, "fast_dropout": True}
 SWITCHES = {"today": {}, "bf16_weights": {"bf16_weights": True}, "fast_dropout": {"fast_dropout": True},
@@ -204,6 +205,17 @@ def summarise(runs: dict, peak: dict | None) -> dict:
                 out[model][f"{method}: fast / today, train ex/s"] = (fast["train_examples_per_s"]
                                                                      / today["train_examples_per_s"])
     return out
+
+
+def section_ablation(sizes: dict, store: Store, device: torch.device) -> dict:
+    """MiniLM LoRA on the demo's data with each switch of :data:`SWITCHES` (none, each alone, both), two seeds, in
+    the order A B C D for the first seed and D C B A for the second, so a drift in load cancels in every pair."""
+    minilm = {**DEMO_DATA, "max_train": sizes["minilm_train"], **({"max_test": 64} if sizes is QUICK else {})}
+    arm_specs = {f"lora {name}": {**ARMS["lora"], **switch} for name, switch in SWITCHES.items()}
+    runs = study(bs.MINILM, minilm, {**DEMO_TRAIN}, arm_specs, [0, 1])
+    names = list(arm_specs)
+    order = [(arm, 0) for arm in names] + [(arm, 1) for arm in reversed(names)]
+    return {f"{arm} seed {seed}": r for (arm, seed), r in execute(runs, order, store, device).items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -408,6 +420,19 @@ def report(results: dict) -> str:
         out += [f"- no detectable difference (the interval covers 0): **{v['no detectable difference']}**; "
                 f"equivalent within ±{v['margin']:g} points (each non-inferior to the other): "
                 f"**{v['equivalent within the margin']}**", ""]
+    if "ablation_summary" in results:
+        out += ["### ablation: MiniLM LoRA with each switch (2 seeds, A B C D then D C B A)", "",
+                "| switches | runs | train ex/s | vs today | train MFU | predict MFU | test acc | load |",
+                "|---|---|---|---|---|---|---|---|"]
+        arms = results["ablation_summary"]["MiniLM ablation"]
+        base = arms["lora today"]["train_examples_per_s"]
+        for arm, r in arms.items():
+            if isinstance(r, dict):
+                pct = (lambda v: f"{100 * v:.1f}%" if v is not None else "—")
+                out.append(f"| {arm.removeprefix('lora ')} | {r['runs']} | {r['train_examples_per_s']:.1f} | "
+                           f"{r['train_examples_per_s'] / base:.2f}× | {pct(r['train_mfu'])} | {pct(r['eval_mfu'])} | "
+                           f"{r['test_accuracy']:.4f} | {r['load']:.1f} |")
+        out.append("")
     if "profile" in results:
         out += ["### where a LoRA training step's time goes (MiniLM, batch 32, demo lengths; % of self CPU time)", ""]
         for name, d in results["profile"].items():
@@ -481,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
             results["summary"] = summarise(raw, results.get("peak"))
         if "verdict" in wanted:
             results["verdict"] = section_verdict(raw["MiniLM"], store)
+        if "ablation" in wanted:
+            raw_ablation = {"MiniLM ablation": section_ablation(sizes, Store(Path(tmp) / "ablation"), device)}
+            results["ablation"] = {k: {kk: vv for kk, vv in r.items() if kk != "speed"}
+                                   for k, r in raw_ablation["MiniLM ablation"].items()}
+            results["ablation_summary"] = summarise(raw_ablation, results.get("peak"))
+            save()
         if "profile" in wanted:
             results["profile"] = section_profile(sizes, device)
         if "pack" in wanted:
