@@ -58,6 +58,8 @@ def drop(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout of ``x`` with a :func:`keep_mask` (autograd passes the gradient through the same mask)."""
     if p <= 0:
         return x
+    if p >= 1:  # nn.Dropout(1.0): every element dropped
+        return x * 0.0
     # bool → float through uint8: torch's CPU cast from bool is ~6× slower than from uint8
     scale = keep_mask(x.shape, p).view(torch.uint8).to(device=x.device, dtype=x.dtype).mul_(1.0 / (1.0 - p))
     return x * scale

@@ -214,7 +214,8 @@ def _in_workers(groups: list[list[RunConfig]], store: Store, device, owner: str,
                 attempts[g] += 1
             for g in [g for g in pending if attempts[g] > WORKER_RETRIES]:
                 pending.remove(g)
-                yield groups[g], lost(g, f"its worker process died on each of {WORKER_RETRIES + 1} attempts")
+                yield groups[g], lost(g, f"a worker process died while it ran, on each of {WORKER_RETRIES + 1} "
+                                            f"attempts")
 
 
 def _ignore_interrupts() -> None:

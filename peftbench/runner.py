@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,8 +36,8 @@ from peftbench.data import Splits, collate, encode_frame, load_splits, make_batc
 from peftbench.engine import Job, TrainSettings, autocast, bf16_supported, predict, train, train_packed
 from peftbench.environment import PeakMemory, environment_base, pick_device, seed_everything
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
-from peftbench.models import (build_classifier, enable_gradient_checkpointing, head_paths, in_paths, load_model_config,
-                              load_tokenizer, model_fingerprint, portable_model_id, resolve_model)
+from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
+                              model_fingerprint, portable_model_id, resolve_model)
 from peftbench.store import RunWriter, Store
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
@@ -136,37 +137,49 @@ def _cache_features(p: Prepared, run: RunConfig, bf16: bool) -> None:
             p.features[split] = out
 
 
-def _features_key(p: Prepared, run: RunConfig, bf16: bool, head: list[str]) -> str:
-    """What a frozen encoder's cached outputs depend on: every weight and buffer outside the head (so a seed's
-    random-init encoder is its own), the token ids (and segments) of every split, how they are batched, autocast,
-    device, thread count and torch version (bf16 GEMMs may round differently with other blocking)."""
+def _features_key(p: Prepared, run: RunConfig, bf16: bool) -> str:
+    """What a frozen encoder's cached outputs depend on: every weight and buffer of the encoder ``features()`` runs
+    (``base_model``: so a seed's random-init encoder is its own) and its config, the token ids (and segments) of every
+    split, how they are batched, autocast, the attention implementation, the device and CPU kernel level, thread
+    count and torch/transformers versions (bf16 GEMMs may round differently with other blocking or kernels)."""
+    import transformers
+
+    encoder = getattr(p.model, "base_model", p.model)
+    config = getattr(p.model, "config", None)
+    hardware = (torch.cuda.get_device_name(p.device) + f" cuda {torch.version.cuda}" if p.device.type == "cuda"
+                else torch.backends.cpu.get_cpu_capability())
     key = hashlib.sha256(b"frozen-features-v1")
-    key.update(json.dumps([type(p.model).__name__, torch.__version__, p.device.type, bf16, torch.get_num_threads(),
+    key.update(json.dumps([type(p.model).__name__, type(encoder).__name__, torch.__version__,
+                           transformers.__version__, p.device.type, hardware, bf16, torch.get_num_threads(),
                            run.train["eval_batch_size"], run.train.get("max_tokens_per_batch"), p.length_buckets,
+                           getattr(config, "_attn_implementation", None),
+                           config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else None,
                            ]).encode())
-    paths = head_paths(p.model, head)
-    for name, tensor in p.model.state_dict().items():
-        if not in_paths(name, paths):
-            key.update(name.encode())
-            key.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    for name, tensor in encoder.state_dict().items():
+        key.update(name.encode())
+        key.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     for ids in (p.ids, p.type_ids):
         key.update(json.dumps(ids, separators=(",", ":")).encode())
     return key.hexdigest()[:24]
 
 
-def _shared_features(p: Prepared, run: RunConfig, bf16: bool, head: list[str], cache_dir: Path) -> tuple[float, bool]:
+def _shared_features(p: Prepared, run: RunConfig, bf16: bool, cache_dir: Path) -> tuple[float, bool]:
     """:func:`_cache_features`, shared by the runs of a store: the first run whose encoder, data and settings give
     a key (:func:`_features_key`) computes the outputs and leaves them in ``STORE/.cache/features/``; the others
-    (other seeds or learning rates of the frozen arm, the untrained baseline) load them, bit for bit what they
-    would compute. Returns (the seconds of the encoder pass, whether it was another run's). A lock makes a second
-    process wait for the first rather than compute the same pass beside it."""
-    path = cache_dir / "features" / f"{_features_key(p, run, bf16, head)}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        with contextlib.suppress(ImportError, OSError):
+    (other seeds or learning rates of the frozen arm) load them, bit for bit what they would compute. Returns (the
+    seconds of the encoder pass, whether it was another run's). A lock makes a second process wait for the first
+    rather than compute the same pass beside it. The cache is only a cache: when it cannot be read or written (a
+    torn file, a full or read-only disk) the run computes its own outputs and goes on."""
+    path = cache_dir / "features" / f"{_features_key(p, run, bf16)}.pt"
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(path.with_suffix(".lock"), "a"))
             import fcntl
 
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no lock (or no cache folder): at worst two processes compute the same pass
+            pass
         if path.is_file():
             try:
                 cached = torch.load(path, weights_only=True)
@@ -174,13 +187,20 @@ def _shared_features(p: Prepared, run: RunConfig, bf16: bool, head: list[str], c
                 return float(cached["seconds"]), True
             except Exception:  # noqa: BLE001 - a torn cache file is only a cache miss
                 p.features.clear()
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
         start = time.perf_counter()
         _cache_features(p, run, bf16)
         seconds = time.perf_counter() - start
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"features": dict(p.features), "seconds": seconds}, tmp)
-        tmp.replace(path)
+        tmp = path.with_suffix(f".{os.getpid()}-{socket.gethostname()}.tmp")
+        try:
+            torch.save({"features": dict(p.features), "seconds": seconds}, tmp)
+            tmp.replace(path)
+        except (OSError, RuntimeError):  # torch.save's write errors (a full disk...): the next run computes its own
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return seconds, False
 
 
@@ -315,7 +335,7 @@ def _build(run: RunConfig, store: Store, device: torch.device, writer: RunWriter
     cache_time, shared = 0.0, False
     if frozen and cfg.get("cache_frozen_features", True) and hasattr(model, "features"):
         # the encoder pass is part of training the head: counted in it, also when another run of the store made it
-        cache_time, shared = _shared_features(p, run, bf16, resolved.get("head", []), store.cache_dir)
+        cache_time, shared = _shared_features(p, run, bf16, store.cache_dir)
 
     def set_train_mode():
         model.train()

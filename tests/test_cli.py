@@ -183,6 +183,18 @@ def test_frozen_features_are_shared_by_the_runs_of_a_store(tmp_path, tiny_minilm
         assert [list(x) for x in a] == [list(x) for x in b], run.arm
 
 
+def test_a_feature_cache_that_cannot_be_written_is_only_a_cache(tmp_path, tiny_minilm_like, tiny_data, one_thread):
+    store = tmp_path / "store"
+    (store / ".cache").mkdir(parents=True)
+    (store / ".cache" / "features").write_text("not a folder")  # every write into the cache fails
+    study = write_study(tmp_path / "s.toml", tiny_minilm_like, tiny_data, "[[arms]]\nmethod = \"frozen\"\nlr = 1e-2\n",
+                        seeds="[0, 1]")
+    assert main(["run", str(study), "--store", str(store), "--no-report"]) == 0
+    results = [json.loads(p.read_text()) for p in store.glob("*/result.json")]
+    assert len(results) == 2 and all(r["status"] == "success" and not r["speed"]["frozen_features_shared"]
+                                     for r in results)
+
+
 def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, tiny_study):
     """kill -9 in the middle of a study: finished runs stay, no half-written run is visible, resume completes."""
     store = tmp_path / "store"

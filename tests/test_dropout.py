@@ -58,6 +58,7 @@ def test_module_scales_and_passes_gradients_through_the_mask():
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x·m/(1−p))/dx = m/(1−p)
     assert torch.equal(layer.eval()(x), x) and torch.equal(dropout.FastDropout(0.0).train()(x), x)
+    assert torch.equal(dropout.FastDropout(1.0).train()(x), torch.zeros_like(x))  # as nn.Dropout(1.0)
 
 
 def test_attention_equals_sdpa_but_for_the_mask(monkeypatch):

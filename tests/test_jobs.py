@@ -145,5 +145,5 @@ def test_a_group_whose_worker_always_dies_is_stored_as_failed(tmp_path, tiny_ber
     assert main(["run", str(study), "--store", str(tmp_path / "st"), "--jobs", "2", "--no-report"]) == 1
     results = Store(tmp_path / "st").results()
     assert len(results) == 2 and all(r["status"] == "failed" for r in results)
-    assert all(r["error"] == f"its worker process died on each of {executors.WORKER_RETRIES + 1} attempts"
-               for r in results)
+    assert all(r["error"] == f"a worker process died while it ran, on each of {executors.WORKER_RETRIES + 1} "
+               "attempts" for r in results)

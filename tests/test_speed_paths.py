@@ -173,7 +173,6 @@ def test_study_eta_weighs_runs_by_expected_work(tmp_path, tiny_minilm_like, tiny
     assert out.count("done   ") == 2 and out.count("study ETA") == 1  # the last run has nothing left to estimate
 
 
-
 def test_one_autocast_region_for_all_prediction_batches_predicts_the_same(tiny_bert, tiny_data):
     """engine.predict enters autocast once, so its cache casts each trainable fp32 weight once (not once a batch):
     bit for bit the probabilities of an autocast region per batch."""
@@ -185,6 +184,7 @@ def test_one_autocast_region_for_all_prediction_batches_predicts_the_same(tiny_b
     with torch.no_grad():
         per_batch = []
         for batch in batches:
-            with autocast(p.device, True):
-                per_batch.append(torch.softmax(p.forward(batch)[0].float(), dim=-1))
+            with autocast(p.device, True):  # the code before: an autocast region per batch
+                logits, _ = p.forward(batch)
+            per_batch.append(torch.softmax(logits.float(), dim=-1))
     assert torch.equal(torch.cat(per_batch), predict(p.forward, batches, p.device, True))
