@@ -30,8 +30,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
-import socket
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -510,9 +508,9 @@ def encode(texts: list[str], tokenizer, max_length: int, cache_dir: Path | None 
         out = {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}-{socket.gethostname()}.tmp")
-        torch.save(out if pairs is not None else out["input_ids"], tmp)
-        tmp.replace(path)
+        from peftbench.store import save_torch
+
+        save_torch(path, out if pairs is not None else out["input_ids"])
     return out
 
 

@@ -161,8 +161,8 @@ WORKER_RETRIES = 2  # times a group is retried when a worker process dies while 
 def _in_workers(groups: list[list[RunConfig]], store: Store, device, owner: str, seen: dict[str, Any],
                 tracking: dict[str, Any] | None, jobs: int, work: dict[str, float]):
     """Yield (group, results) as ``jobs`` worker processes (spawned: a fresh interpreter, no forked OpenMP state)
-    finish the groups, longest expected work (``work``, by run id) first. Each worker uses ``torch threads // jobs`` threads (at least 1).
-    When a worker dies (e.g. killed for memory) the pool breaks: the unfinished groups go to a new pool, the ones that
+    finish the groups, longest expected work (``work``, by run id) first. Each worker uses ``torch threads // jobs``
+    threads (at least 1). When a worker dies (e.g. killed for memory) the pool breaks: the unfinished groups go to a new pool, the ones that
     were running (the first ``jobs`` unfinished, as the pool starts them in order) charged one attempt; a group
     charged more than ``WORKER_RETRIES`` times is stored as failed (:func:`record_lost_run`). Ctrl-C stops the
     workers at once (their runs are not stored, their claims go stale)."""

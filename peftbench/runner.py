@@ -18,8 +18,6 @@ import errno
 import functools
 import hashlib
 import json
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +36,7 @@ from peftbench.environment import PeakMemory, environment_base, pick_device, see
 from peftbench.evaluate import compute_metrics, compute_metrics_from_preds
 from peftbench.models import (build_classifier, enable_gradient_checkpointing, load_model_config, load_tokenizer,
                               model_fingerprint, portable_model_id, resolve_model)
-from peftbench.store import RunWriter, Store
+from peftbench.store import RunWriter, Store, save_torch
 
 # OSErrors that mean the store itself cannot be written (not the run's fault): they stop the study.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -192,15 +190,8 @@ def _shared_features(p: Prepared, run: RunConfig, bf16: bool, cache_dir: Path) -
         start = time.perf_counter()
         _cache_features(p, run, bf16)
         seconds = time.perf_counter() - start
-        tmp = path.with_suffix(f".{os.getpid()}-{socket.gethostname()}.tmp")
-        try:
-            torch.save({"features": dict(p.features), "seconds": seconds}, tmp)
-            tmp.replace(path)
-        except (OSError, RuntimeError):  # torch.save's write errors (a full disk...): the next run computes its own
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, RuntimeError):  # torch.save's write errors (a full disk...): only a cache
+            save_torch(path, {"features": dict(p.features), "seconds": seconds})
         return seconds, False
 
 

@@ -64,6 +64,19 @@ def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
     os.replace(tmp, path)
 
 
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically (temp file named by process and host in the same folder + rename; the temp file
+    removed if writing fails, whose error is raised): the store's caches of token ids and frozen-encoder outputs."""
+    import torch
+
+    tmp = Path(path).with_suffix(f".{os.getpid()}-{HOST}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "tolist"):  # numpy arrays and scalars, torch tensors
         return x.tolist()

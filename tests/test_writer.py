@@ -69,7 +69,7 @@ def _is_write(call: ast.Call) -> bool:
     if isinstance(f, ast.Name):
         if f.id == "open":
             return any(c in m for m in _modes(call) for c in "wax+")
-        return f.id in ("write_json", "save_file")
+        return f.id in ("write_json", "save_file", "save_torch")
     if not isinstance(f, ast.Attribute):
         return False
     base = f.value.id if isinstance(f.value, ast.Name) else None
